@@ -1,0 +1,32 @@
+"""llada-hf: LLaDA-family masked diffusion language models on the Hugging Face stack.
+
+Importing this package registers the model with transformers' Auto classes:
+
+```python
+import llada_hf
+from transformers import AutoModel
+model = AutoModel.from_pretrained("path/to/LLaDA-8B-Instruct")  # official layout, no conversion step
+```
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+from .configuration_llada import LladaConfig
+from .modeling_llada import LladaForMaskedDiffusion, LladaModel, LladaPreTrainedModel, MaskedDiffusionOutput
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register("llada", LladaConfig, exist_ok=True)
+# The official checkpoints map AutoModel and AutoModelForCausalLM to their LM class; scripts written for
+# them keep working. AutoModelForMaskedLM is the honest name for what the model is.
+for _auto in (AutoModel, AutoModelForMaskedLM, AutoModelForCausalLM):
+    _auto.register(LladaConfig, LladaForMaskedDiffusion, exist_ok=True)
+
+__all__ = [
+    "LladaConfig",
+    "LladaModel",
+    "LladaPreTrainedModel",
+    "LladaForMaskedDiffusion",
+    "MaskedDiffusionOutput",
+]
