@@ -1,0 +1,86 @@
+"""Train a small byte-level BPE tokenizer with LLaDA's special tokens and chat template.
+
+For demos, tests and from-scratch experiments: the official LLaDA tokenizer cannot be downloaded here,
+so we build a small one with the same special tokens and the same Llama-3-style chat format.
+"""
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+
+# LLaDA's special tokens (LLADA.md section 1), given the lowest ids in a trained tokenizer.
+BOS, EOS, MASK = "<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>"
+START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+SPECIAL_TOKENS = [BOS, EOS, MASK, START_HEADER, END_HEADER, EOT]
+
+# bos, then `<|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT<|eot_id|>` per message (content trimmed),
+# then the assistant header when a generation prompt is asked for.
+LLADA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` with LLaDA's special tokens and chat template.
+
+    The tokenizer adds no bos/eos by itself (as LLaDA's); pad = eos, mask = `<|mdm_mask|>`.
+
+    Example:
+        ```python
+        >>> from llada_hf.tokenization import train_tokenizer
+        >>> tok = train_tokenizer(["hello world", "hello there"], vocab_size=300)
+        >>> tok.mask_token, tok.convert_tokens_to_ids("<|mdm_mask|>")
+        ('<|mdm_mask|>', 2)
+        >>> tok.decode(tok("hello world").input_ids)
+        'hello world'
+        ```
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        mask_token=MASK,
+        additional_special_tokens=[START_HEADER, END_HEADER, EOT],
+        chat_template=LLADA_CHAT_TEMPLATE,
+        padding_side="left",
+    )
+
+
+def model_token_ids(tokenizer) -> dict[str, int]:
+    """The token-id fields of `LladaConfig` that match `tokenizer` (vocab_size included).
+
+    Example:
+        ```python
+        >>> from llada_hf import LladaConfig
+        >>> from llada_hf.tokenization import model_token_ids, train_tokenizer
+        >>> tok = train_tokenizer(["a b c"], vocab_size=280)
+        >>> config = LladaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                      num_attention_heads=2, **model_token_ids(tok))
+        >>> config.mask_token_id == tok.mask_token_id
+        True
+        ```
+    """
+    return {
+        "vocab_size": len(tokenizer),
+        "mask_token_id": tokenizer.mask_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
