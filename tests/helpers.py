@@ -106,9 +106,11 @@ def tiny_model(seed: int = 0, **overrides):
     model = LladaForMaskedDiffusion(tiny_config(**overrides))
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_(0, 0.5)
-        for layer in model.model.layers:
+        for layer in model.model.layers:  # strong attention: predictions depend on position and context
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                proj.weight.normal_(0, 0.2)
+                proj.weight.normal_(0, 0.5)
+            for proj in (layer.self_attn.v_proj, layer.self_attn.o_proj):
+                proj.weight.normal_(0, 0.3)
         if not model.config.tie_word_embeddings:
             model.lm_head.weight.normal_(0, 0.3)
     return model.eval()

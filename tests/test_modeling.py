@@ -106,6 +106,7 @@ def test_saved_checkpoint_runs_as_remote_code_without_llada_hf(tmp_path):
     ids, mask = _batch()
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).logits
+    expected_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=8, steps=8, block_length=4)
     torch.save({"ids": ids, "mask": mask}, tmp_path / "inputs.pt")
     script = textwrap.dedent(
         f"""
@@ -120,6 +121,8 @@ def test_saved_checkpoint_runs_as_remote_code_without_llada_hf(tmp_path):
         with torch.no_grad():
             logits = model(inputs["ids"], attention_mask=inputs["mask"]).logits
         torch.save(logits, {str(tmp_path / "logits.pt")!r})
+        tokens = model.generate(inputs["ids"], attention_mask=inputs["mask"], max_new_tokens=8, steps=8, block_length=4)
+        torch.save(tokens, {str(tmp_path / "tokens.pt")!r})
         print(type(model).__module__)
         """
     )
@@ -128,6 +131,7 @@ def test_saved_checkpoint_runs_as_remote_code_without_llada_hf(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "transformers_modules" in result.stdout
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    assert torch.equal(torch.load(tmp_path / "tokens.pt"), expected_tokens)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,13 @@ model = AutoModel.from_pretrained("path/to/LLaDA-8B-Instruct")  # official layou
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from .configuration_llada import LladaConfig
+from .generation_llada import (
+    DiffusionGenerationConfig,
+    DiffusionGenerationOutput,
+    RemaskingStrategy,
+    TextDiffusionStreamer,
+    register_remasking_strategy,
+)
 from .modeling_llada import LladaForMaskedDiffusion, LladaModel, LladaPreTrainedModel, MaskedDiffusionOutput
 
 
@@ -29,4 +36,9 @@ __all__ = [
     "LladaPreTrainedModel",
     "LladaForMaskedDiffusion",
     "MaskedDiffusionOutput",
+    "DiffusionGenerationConfig",
+    "DiffusionGenerationOutput",
+    "RemaskingStrategy",
+    "TextDiffusionStreamer",
+    "register_remasking_strategy",
 ]
