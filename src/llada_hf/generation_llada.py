@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.configuration_utils import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.streamers import TextStreamer
@@ -38,7 +39,15 @@ DIFFUSION_DEFAULTS = {
     "eot_token_id": None,
     "output_history": False,
     "early_exit": False,
+    "kv_cache": None,  # None, "prefix" or "dual"
+    "confidence_threshold": None,
+    "parallel_factor": None,
 }
+
+
+KV_CACHE_MODES = (None, "prefix", "dual")
+# Attention backends whose handling of a query range shorter than the keys we have tested with the cache.
+CACHE_ATTENTION_BACKENDS = ("eager", "sdpa")
 
 
 class DiffusionGenerationConfig(GenerationConfig):
@@ -58,6 +67,10 @@ class DiffusionGenerationConfig(GenerationConfig):
     - `mask_token_id`, `eot_token_id`: the mask and end-of-turn token ids.
     - `output_history`: with `return_dict_in_generate`, keep the sequence after every step.
     - `early_exit`: stop a row once its answer is decided up to an EOS (the rest is filled with EOS).
+    - `kv_cache`: None, "prefix" or "dual" — Fast-dLLM's key/value caches (see `DiffusionCache`).
+    - `confidence_threshold` (tau in (0, 1]): also commit every candidate whose score reaches tau.
+    - `parallel_factor` (f > 0): also commit the leading run of sorted scores with c_n >= 1 - f / (n + 1).
+      With either, `steps` is an upper bound: each step commits at least its scheduled share.
 
     Example:
         ```python
@@ -97,6 +110,12 @@ class DiffusionGenerationConfig(GenerationConfig):
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"`top_p` must lie in (0, 1], got {self.top_p}.")
         resolve_strategy(self.remasking)  # raises on an unknown name
+        if self.kv_cache not in KV_CACHE_MODES:
+            raise ValueError(f"`kv_cache` must be one of {KV_CACHE_MODES}, got {self.kv_cache!r}.")
+        if self.confidence_threshold is not None and not 0 < self.confidence_threshold <= 1:
+            raise ValueError(f"`confidence_threshold` must lie in (0, 1], got {self.confidence_threshold}.")
+        if self.parallel_factor is not None and not self.parallel_factor > 0:
+            raise ValueError(f"`parallel_factor` must be > 0, got {self.parallel_factor}.")
         if self.mask_token_id is not None and self.mask_token_id == self.pad_token_id:
             raise ValueError(
                 f"`pad_token_id` equals `mask_token_id` ({self.mask_token_id}): padding would be read as masks "
@@ -508,6 +527,12 @@ class DiffusionGenerationMixin:
             raise ValueError(
                 "No mask token id: set `mask_token_id` in the model config or pass `mask_token_id=` to generate."
             )
+        backend = self.config._attn_implementation
+        if config.kv_cache and backend not in CACHE_ATTENTION_BACKENDS:
+            raise ValueError(
+                f"`kv_cache={config.kv_cache!r}` runs with attn_implementation in {CACHE_ATTENTION_BACKENDS}; this "
+                f"model uses {backend!r}. Load it with `attn_implementation='sdpa'` or pass `kv_cache=None`."
+            )
         return config
 
     def _prepare_sequence(self, input_ids, attention_mask, config, answer_length=None):
@@ -558,11 +583,12 @@ class DiffusionGenerationMixin:
                  streamer, generator):
         mask_id = config.mask_token_id
         strategy = resolve_strategy(config.remasking)
-        batch_size, length = x.shape
+        batch_size = x.shape[0]
         prompt_positions = x != mask_id  # CFG masks these in its unconditional copy
         active = torch.ones(batch_size, dtype=torch.bool, device=x.device)  # rows still being decoded
         commit_step = torch.full_like(x, -1)
         forwards_taken = torch.zeros(batch_size, dtype=torch.long, device=x.device)
+        cache = DiffusionCache(config.kv_cache) if config.kv_cache else None
         history, nfe, step_counter = [], 0, 0
         if streamer is not None:
             streamer.put(x[:, :prompt_length].cpu())
@@ -580,8 +606,8 @@ class DiffusionGenerationMixin:
                     break
                 window_start = int(has_mask.nonzero()[0])  # first masked position of any active row
                 # 4. Logits for the active window [window_start, block.end)
-                logits = self._window_logits(x, attention_mask, prompt_positions, rows, window_start, block.end,
-                                             config.cfg_scale, mask_id)
+                logits = self._window_logits(x, attention_mask, prompt_positions, rows, window_start, block,
+                                             step == 0, config, cache)
                 nfe += 1
                 forwards_taken[rows] += 1
                 # 5. Candidates
@@ -596,8 +622,10 @@ class DiffusionGenerationMixin:
                     scores = scores.masked_fill(torch.isin(candidates, _id_tensor(ends, x.device)),
                                                 torch.finfo(torch.float64).min)
                 scores = scores.masked_fill(~eligible, float("-inf"))
-                # 7. Commit the scheduled number of best candidates per row
-                chosen = _top_k_per_row(scores, schedule[rows, step], eligible)
+                # 7. Commit the scheduled number of best candidates per row (more with parallel decoding)
+                count = _parallel_count(scores, schedule[rows, step], config.confidence_threshold,
+                                        config.parallel_factor)
+                chosen = _top_k_per_row(scores, count, eligible)
                 window = x[rows, window_start : block.end]
                 x[rows, window_start : block.end] = torch.where(chosen, candidates, window)
                 commit_step[rows, window_start : block.end] = torch.where(
@@ -631,19 +659,36 @@ class DiffusionGenerationMixin:
             commit_step=commit_step[:, prompt_length:],
         )
 
-    def _window_logits(self, x, attention_mask, prompt_positions, rows, start, end, cfg_scale, mask_id):
-        """Run the model on the active rows and return logits [R, end - start, V] for the window (step 4)."""
+    def _window_logits(self, x, attention_mask, prompt_positions, rows, window_start, block, block_start_step,
+                       config, cache):
+        """Run the model on the active rows and return logits [R, W, V] for the window (step 4).
+
+        Without a cache the whole sequence runs. With one, the first step of a block runs the whole
+        sequence and refills the cache; later steps run only the block and what follows it ("prefix") or
+        only the block ("dual") against the cached keys/values. A step whose window starts before the block
+        (masks left in the prompt) runs in full, since the cached prefix is then still changing.
+        """
         inputs = x[rows]
         mask = attention_mask[rows] if attention_mask is not None else None
-        if cfg_scale > 0:
-            unconditional = inputs.masked_fill(prompt_positions[rows], mask_id)
-            inputs = torch.cat([inputs, unconditional])
+        if config.cfg_scale > 0:
+            inputs = torch.cat([inputs, inputs.masked_fill(prompt_positions[rows], config.mask_token_id)])
             mask = torch.cat([mask, mask]) if mask is not None else None
-        keep = torch.arange(start, end, device=x.device)
-        logits = self(input_ids=inputs, attention_mask=mask, logits_to_keep=keep).logits  # [R(*2), W, V]
-        if cfg_scale > 0:
+            rows = torch.cat([rows, rows + x.shape[0]])  # the unconditional copy has rows of its own in the cache
+        query_start, query_end = 0, x.shape[1]
+        if cache is not None and not block_start_step and window_start >= block.start and cache.holds(rows):
+            query_start = block.start
+            query_end = block.end if cache.mode == "dual" else x.shape[1]
+            cache.keep_rows(rows)
+        elif cache is not None:
+            cache.start_refill(rows)
+        if cache is not None:
+            cache.set_query_start(query_start)
+        keep = torch.arange(window_start - query_start, block.end - query_start, device=x.device)
+        logits = self(input_ids=inputs[:, query_start:query_end], attention_mask=mask, cache=cache,
+                      logits_to_keep=keep).logits  # [R(*2), W, V]
+        if config.cfg_scale > 0:
             conditional, unconditional = logits.chunk(2)
-            logits = unconditional + (cfg_scale + 1) * (conditional - unconditional)
+            logits = unconditional + (config.cfg_scale + 1) * (conditional - unconditional)
         return logits
 
     @staticmethod
@@ -699,6 +744,104 @@ class DiffusionGenerationMixin:
         eos = _token_ids(config.eos_token_id)[0]
         answer = x[:, prompt_length:]
         answer[rows[:, None] & (answer == config.mask_token_id)] = eos
+
+
+class DiffusionCacheLayer(CacheLayerMixin):
+    """One layer's keys/values over the *whole* sequence; a partial forward replaces its own positions.
+
+    Queries cover positions [query_start, query_start + q); the layer writes their keys/values at those
+    positions and returns the full-length keys/values, so attention still sees every position.
+    """
+
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.query_start = 0
+
+    def lazy_initialization(self, key_states, value_states):
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.query_start == 0:  # a full pass: keep everything
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+        end = self.query_start + key_states.shape[-2]
+        self.keys[:, :, self.query_start : end] = key_states  # [B, kv_heads, L, head_dim]
+        self.values[:, :, self.query_start : end] = value_states
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.query_start  # positions before the queries: the default position ids start there
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.query_start == 0 or self.keys is None:
+            return query_length, 0
+        return self.keys.shape[-2], 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keys, self.values = self.keys[indices], self.values[indices]
+
+
+class DiffusionCache(Cache):
+    """The key/value cache of diffusion decoding (Fast-dLLM's prefix and dual caches) on transformers' Cache API.
+
+    `generate(kv_cache="prefix" | "dual")` creates one. At the first step of every block the model runs the
+    whole sequence and the cache keeps every position's keys/values; later steps of the block run only
+    the block and the positions after it (prefix) or only the block (dual), replacing those positions'
+    keys/values. It also remembers which batch rows it holds, so finished rows can leave the batch.
+    """
+
+    def __init__(self, mode: str = "prefix"):
+        super().__init__(layer_class_to_replicate=DiffusionCacheLayer)
+        self.mode = mode
+        self.rows: torch.Tensor | None = None  # batch rows (of x, CFG copies offset by the batch size) held
+
+    def start_refill(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+
+    def holds(self, rows: torch.Tensor) -> bool:
+        """Whether every requested row has cached keys/values."""
+        return self.rows is not None and bool(torch.isin(rows, self.rows).all())
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop the rows that are no longer decoded (early exit)."""
+        if self.rows.numel() == rows.numel():
+            return
+        position = {int(row): index for index, row in enumerate(self.rows.tolist())}
+        indices = torch.tensor([position[int(row)] for row in rows], device=rows.device)
+        self.batch_select_indices(indices)
+        self.rows = rows
+
+    def set_query_start(self, query_start: int) -> None:
+        """Where the next forward's queries begin (0 = a full pass that refills the cache)."""
+        for layer in self.layers:  # layers created later, during a full pass, start at 0
+            layer.query_start = query_start
+
+
+def _parallel_count(scores, scheduled, threshold, factor) -> torch.LongTensor:
+    """Tokens to commit per row: the schedule, raised by threshold or factor parallel decoding.
+
+    threshold: every eligible score >= threshold counts. factor (Fast-dLLM's rule): with scores sorted
+    c1 >= c2 >= ..., the leading run with c_n >= 1 - factor / (n + 1) counts. The schedule is the floor,
+    so a block always finishes within its steps, and at least the most confident token is committed.
+    """
+    count = scheduled
+    if threshold is not None:
+        count = torch.maximum(count, (scores >= threshold).sum(1))
+    if factor is not None:
+        ranked = scores.sort(dim=1, descending=True).values  # [R, W]
+        n = torch.arange(1, ranked.shape[1] + 1, device=scores.device, dtype=torch.float64)
+        passes = ranked >= 1 - factor / (n + 1)
+        run = passes.long().cumprod(1).sum(1)  # length of the leading run that passes
+        count = torch.maximum(count, run)
+    if threshold is not None or factor is not None:
+        count = count.clamp(min=1)
+    return count
 
 
 def _token_ids(value) -> list[int]:

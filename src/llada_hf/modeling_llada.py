@@ -274,8 +274,11 @@ class LladaModel(LladaPreTrainedModel):
         batch_size, length = inputs_embeds.shape[:2]
         if length == 0:
             raise ValueError("The input is empty (sequence length 0); pass at least one token.")
+        # With a cache, queries cover positions [past_length, past_length + length) and keys span kv_length
+        # positions: the cache's own answer (a diffusion cache can hold positions after the queries too).
         past_length = cache.get_seq_length() if cache is not None else 0
-        _check_attention_mask(attention_mask, batch_size, past_length + length)
+        kv_length = cache.get_mask_sizes(length, 0)[0] if cache is not None else length
+        _check_attention_mask(attention_mask, batch_size, kv_length)
 
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]

@@ -1,0 +1,125 @@
+"""Fast diffusion decoding: KV caches, parallel decoding and early exit inside the same generate()."""
+
+import pytest
+import torch
+
+from helpers import MASK_ID, left_padded_batch, tiny_model
+from llada_hf.generation_llada import DiffusionCache
+
+
+ROWS = [[5, 9, 12, 40, 41, 42, 43], [7, 8], [30, 31, 32, 33]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+def _masked_sequence(answer_length=12):
+    ids, mask = left_padded_batch(ROWS)
+    x = torch.cat([ids, torch.full((len(ROWS), answer_length), MASK_ID)], 1)
+    return x, torch.cat([mask, torch.ones(len(ROWS), answer_length, dtype=torch.long)], 1)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("block_start_offset", [0, 4, 8])
+def test_cached_logits_equal_a_full_forward_at_the_block_start(model, mode, block_start_offset):
+    x, mask = _masked_sequence()
+    length = x.shape[1]
+    start = length - 12 + block_start_offset
+    end = start + 4
+    with torch.no_grad():
+        full = model(x, attention_mask=mask).logits
+        cache = DiffusionCache(mode)
+        cache.start_refill(torch.arange(3))
+        cache.set_query_start(0)
+        refill = model(x, attention_mask=mask, cache=cache).logits
+        cache.set_query_start(start)
+        query_end = end if mode == "dual" else length
+        partial = model(x[:, start:query_end], attention_mask=mask, cache=cache).logits
+    torch.testing.assert_close(refill, full, atol=0, rtol=0)
+    torch.testing.assert_close(partial, full[:, start:query_end], atol=1e-5, rtol=1e-5)
+
+
+def test_unreachable_threshold_reproduces_the_baseline(model):
+    ids, mask = left_padded_batch(ROWS)
+    settings = dict(max_new_tokens=16, steps=16, block_length=4, return_dict_in_generate=True)
+    base = model.generate(ids, attention_mask=mask, **settings)
+    never = model.generate(ids, attention_mask=mask, confidence_threshold=1.0, **settings)
+    assert torch.equal(never.sequences, base.sequences)
+    assert never.nfe == base.nfe == 16
+    assert never.tokens_per_forward.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_threshold_and_factor_commit_more_per_step(model):
+    ids, mask = left_padded_batch(ROWS)
+    settings = dict(max_new_tokens=16, steps=16, block_length=8, return_dict_in_generate=True)
+    loose = model.generate(ids, attention_mask=mask, confidence_threshold=0.05, **settings)
+    assert loose.nfe < 16 and loose.commit_step.ge(0).all()
+    factor = model.generate(ids, attention_mask=mask, parallel_factor=3.0, **settings)
+    assert factor.nfe < 16 and factor.commit_step.ge(0).all()
+    assert bool((factor.tokens_per_forward > 1).all())
+
+
+FAST_SETTINGS = {
+    "prefix": dict(kv_cache="prefix"),
+    "dual": dict(kv_cache="dual"),
+    "threshold": dict(confidence_threshold=0.3),
+    "dual+threshold+early_exit": dict(kv_cache="dual", confidence_threshold=0.3, early_exit=True),
+    "prefix+factor+cfg": dict(kv_cache="prefix", parallel_factor=1.0, cfg_scale=1.0),
+    "dual+margin": dict(kv_cache="dual", remasking="margin"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAST_SETTINGS))
+def test_each_row_of_a_batch_gets_what_it_gets_alone(model, name):
+    """The property the reference speed-up code loses: padding and batching must not change a row."""
+    ids, mask = left_padded_batch(ROWS)
+    settings = dict(max_new_tokens=12, steps=12, block_length=4, **FAST_SETTINGS[name])
+    batch = model.generate(ids, attention_mask=mask, **settings)
+    for i, row in enumerate(ROWS):
+        alone = model.generate(torch.tensor([row]), **settings)
+        assert torch.equal(batch[i, -12:], alone[0, -12:]), f"row {i}"
+
+
+def test_early_exit_rows_leave_the_batch(model):
+    ids, mask = left_padded_batch([[5, 9, 12, 40], [7, 8, 30]])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=16, steps=16, block_length=4, early_exit=True,
+                         kv_cache="dual", return_dict_in_generate=True)
+    alone = [
+        model.generate(r, max_new_tokens=16, steps=16, block_length=4, early_exit=True, kv_cache="dual",
+                       return_dict_in_generate=True)
+        for r in (torch.tensor([[5, 9, 12, 40]]), torch.tensor([[7, 8, 30]]))
+    ]
+    assert out.nfe == max(a.nfe for a in alone)  # a finished row costs no more forward passes
+    for i, a in enumerate(alone):
+        assert torch.equal(out.sequences[i, -16:], a.sequences[0, -16:])
+
+
+def test_bad_fast_settings_get_clear_errors(model):
+    prompt = torch.tensor([[5, 6]])
+    with pytest.raises(ValueError, match="kv_cache"):
+        model.generate(prompt, kv_cache="triple")
+    for tau in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="confidence_threshold"):
+            model.generate(prompt, confidence_threshold=tau)
+    for f in (0.0, -1.0):
+        with pytest.raises(ValueError, match="parallel_factor"):
+            model.generate(prompt, parallel_factor=f)
+    model.config._attn_implementation = "flex_attention"
+    try:
+        with pytest.raises(ValueError, match="attn_implementation"):
+            model.generate(prompt, kv_cache="dual")
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+def test_eager_and_sdpa_caches_agree():
+    ids, mask = left_padded_batch(ROWS)
+    outs = []
+    for impl in ("eager", "sdpa"):
+        model = tiny_model(seed=3)
+        model.config._attn_implementation = impl
+        outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=8, steps=8, block_length=4,
+                                   kv_cache="dual"))
+    assert torch.equal(outs[0], outs[1])
