@@ -1,0 +1,30 @@
+"""Training masked diffusion language models with TRL: `DiffusionSFTConfig` and `DiffusionSFTTrainer`.
+
+```python
+from llada_hf.trainers import DiffusionSFTConfig, DiffusionSFTTrainer
+
+trainer = DiffusionSFTTrainer(
+    model=model,
+    args=DiffusionSFTConfig(output_dir="out", max_length=512, per_device_train_batch_size=8),
+    train_dataset=dataset,  # TRL formats: "messages", "prompt"/"completion", or "text" (pretraining)
+    processing_class=tokenizer,
+)
+trainer.train()
+```
+"""
+
+from .collator import DataCollatorForMaskedDiffusion
+from .config import DiffusionSFTConfig
+from .objective import mask_answer_tokens, masked_diffusion_loss, masking_probability, sample_times
+from .sft import DiffusionSFTTrainer
+
+
+__all__ = [
+    "DiffusionSFTConfig",
+    "DiffusionSFTTrainer",
+    "DataCollatorForMaskedDiffusion",
+    "sample_times",
+    "masking_probability",
+    "mask_answer_tokens",
+    "masked_diffusion_loss",
+]

@@ -1,0 +1,155 @@
+"""`DiffusionSFTConfig`: TRL's `SFTConfig` plus the controls of the masked-diffusion training objective."""
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+
+LOSS_NORMALIZATIONS = ("answer_length", "token", "sequence")
+
+
+@dataclass
+class DiffusionSFTConfig(SFTConfig):
+    r"""
+    Configuration class for [`DiffusionSFTTrainer`]: supervised fine-tuning and pretraining of masked diffusion
+    language models (LLaDA).
+
+    Every [`trl.SFTConfig`] and [`~transformers.TrainingArguments`] field keeps its meaning (TRL's defaults included:
+    `gradient_checkpointing=True`, `bf16=True` unless `fp16` is set, `learning_rate=2e-5`), except the next-token
+    options listed at the end, which are refused. The defaults of the fields below reproduce the LLaDA training
+    recipe: per sequence t ~ U(0, 1), each answer token is masked with probability p = (1 - ε) t + ε, the loss is
+    the cross-entropy at the masked positions weighted by 1/p, divided by the answer length of each row (EOS padding
+    included), averaged over rows.
+
+    Parameters:
+        > Parameters that control the noise
+
+        time_epsilon (`float`, *optional*, defaults to `1e-3`):
+            ε in p = (1 - ε) t + ε: the smallest masking probability, which keeps the 1/p weight finite.
+        antithetic_time (`bool`, *optional*, defaults to `False`):
+            Draw the times of a batch's rows stratified: one t from each of the n intervals [i/n, (i+1)/n), shuffled
+            across the rows, instead of n independent draws. Same expected loss, lower variance of its estimate.
+        noise_samples_per_example (`int`, *optional*, defaults to `1`):
+            Noise each example this many times (each copy with its own t and mask) in the same forward pass, and
+            average. Lowers the variance of the loss at the cost of a proportionally larger batch.
+        random_length_prob (`float`, *optional*, defaults to `0.01`):
+            Pretraining only (batches without prompt tokens, e.g. a `"text"` dataset): the probability that a batch
+            is cut to a random length drawn uniformly from [1, batch length], so the model also sees short sequences.
+
+        > Parameters that control the loss
+
+        loss_normalization (`str`, *optional*, defaults to `"answer_length"`):
+            How the 1/p-weighted cross-entropy sums are normalized. `"answer_length"`: each row's sum is divided by
+            the row's answer length (EOS padding included), then rows are averaged (the LLaDA SFT rule; for
+            pretraining rows of full length it is LLaDA's division by batch size times length). `"token"`: the
+            sum over all rows is divided by the number of answer tokens, so long answers weigh more. `"sequence"`:
+            each row's sum (a Monte-Carlo estimate of the answer's negative ELBO in nats) is averaged over rows.
+            In every case the denominator counts the rows or tokens of the whole optimizer step, across gradient
+            accumulation and (with `average_tokens_across_devices=True`, the default) across processes, so the loss
+            and its gradient do not depend on how a batch is split.
+
+        > Parameters that control the data preprocessing
+
+        pad_answers_with_eos (`bool`, *optional*, defaults to `True`):
+            Pad the answer of each example that has a prompt (prompt-completion and conversational data) with EOS
+            tokens up to the batch length; these EOS tokens are attended, masked and scored like any answer token,
+            which teaches the model to stop (LLaDA SFT rule). Rows without a prompt (pretraining text) and, when
+            `False`, all rows get ordinary padding: not attended, never scored.
+
+    Refused next-token options (a `ValueError` says what to use instead): `padding_free=True` and the `"bfd"` /
+    `"bfd_split"` packing strategies (they rely on position ids with varlen attention kernels; use
+    `packing_strategy="wrapped"`, which cuts the text into full-length rows like LLaDA pretraining),
+    `assistant_only_loss=True` (every assistant turn is already its own example, prompt = everything before it),
+    `loss_type="dft"` and `label_smoothing_factor > 0` (reweightings of next-token probabilities).
+
+    Example:
+        ```python
+        >>> from llada_hf.trainers import DiffusionSFTConfig
+        >>> args = DiffusionSFTConfig(output_dir="out", max_length=512, antithetic_time=True)
+        >>> args.time_epsilon, args.loss_normalization, args.pad_answers_with_eos
+        (0.001, 'answer_length', True)
+        ```
+    """
+
+    # Parameters that control the noise
+    time_epsilon: float = field(
+        default=1e-3,
+        metadata={"help": "ε in the masking probability p = (1 - ε) t + ε; keeps the 1/p loss weight finite."},
+    )
+    antithetic_time: bool = field(
+        default=False,
+        metadata={"help": "Draw the rows' times stratified over [0, 1) (one per interval) to lower the loss variance."},
+    )
+    noise_samples_per_example: int = field(
+        default=1,
+        metadata={"help": "Noise each example this many times in the same batch and average the losses."},
+    )
+    random_length_prob: float = field(
+        default=0.01,
+        metadata={
+            "help": "Pretraining batches (no prompt tokens) are cut to a random length uniform in [1, batch length] "
+            "with this probability."
+        },
+    )
+
+    # Parameters that control the loss
+    loss_normalization: str = field(
+        default="answer_length",
+        metadata={
+            "help": "'answer_length' (each row divided by its answer length incl. EOS padding, LLaDA SFT rule), "
+            "'token' (divided by the answer tokens of the batch) or 'sequence' (per-row sum, averaged over rows).",
+            "choices": list(LOSS_NORMALIZATIONS),
+        },
+    )
+
+    # Parameters that control the data preprocessing
+    pad_answers_with_eos: bool = field(
+        default=True,
+        metadata={
+            "help": "Pad answers with scored EOS tokens up to the batch length (LLaDA SFT rule). Rows without a "
+            "prompt always get ordinary, unscored padding."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_diffusion_fields()
+        self._refuse_next_token_options()
+
+    def _check_diffusion_fields(self) -> None:
+        if not 0.0 <= self.time_epsilon < 1.0:
+            raise ValueError(f"`time_epsilon` must lie in [0, 1), got {self.time_epsilon}.")
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"`loss_normalization` must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}."
+            )
+        if not isinstance(self.noise_samples_per_example, int) or self.noise_samples_per_example < 1:
+            raise ValueError(
+                f"`noise_samples_per_example` must be an integer >= 1, got {self.noise_samples_per_example!r}."
+            )
+        if not 0.0 <= self.random_length_prob <= 1.0:
+            raise ValueError(f"`random_length_prob` must lie in [0, 1], got {self.random_length_prob}.")
+
+    def _refuse_next_token_options(self) -> None:
+        if self.padding_free:
+            raise ValueError(
+                "`padding_free=True` is not supported: it flattens the batch and relies on position ids with varlen "
+                "attention kernels. Leave it off; for pretraining text use `packing=True, packing_strategy='wrapped'`."
+            )
+        if self.packing and self.packing_strategy != "wrapped":
+            raise ValueError(
+                f"`packing_strategy={self.packing_strategy!r}` is not supported: it implies padding-free batches. Use "
+                "`packing_strategy='wrapped'`, which cuts the text into full-length rows like LLaDA pretraining."
+            )
+        if self.assistant_only_loss:
+            raise ValueError(
+                "`assistant_only_loss=True` is not needed: each assistant turn of a conversation is trained as its "
+                "own example, with everything before it as the prompt. Leave it `False`."
+            )
+        if self.loss_type != "nll":
+            raise ValueError(
+                f"`loss_type={self.loss_type!r}` reweights next-token probabilities and has no diffusion "
+                "counterpart here. Leave it at 'nll'; see `loss_normalization` for the diffusion loss options."
+            )
+        if self.label_smoothing_factor > 0:
+            raise ValueError("`label_smoothing_factor` is not supported by the masked-diffusion loss; set it to 0.")
