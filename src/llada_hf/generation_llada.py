@@ -315,6 +315,28 @@ class DiffusionGenerationOutput(ModelOutput):
     commit_step: torch.LongTensor | None = None
 
 
+def render_draft(ids: list[int], tokenizer, mask_token_id: int, mask_symbol: str = "░", **decode_kwargs) -> str:
+    """Decode a partly masked answer: runs of decided tokens are decoded together, masks drawn as a symbol.
+
+    Example:
+        ```python
+        >>> # render_draft([17, 95, 95, 23], tokenizer, mask_token_id=95)  ->  'the░░cat'
+        ```
+    """
+    pieces, run = [], []
+    for token in ids:
+        if token == mask_token_id:
+            if run:
+                pieces.append(tokenizer.decode(run, **decode_kwargs))
+                run = []
+            pieces.append(mask_symbol)
+        else:
+            run.append(token)
+    if run:
+        pieces.append(tokenizer.decode(run, **decode_kwargs))
+    return "".join(pieces)
+
+
 class TextDiffusionStreamer(TextStreamer):
     """A `TextStreamer` that also shows the draft answer after every denoising step.
 
@@ -338,18 +360,7 @@ class TextDiffusionStreamer(TextStreamer):
     def put_draft(self, answer_ids: torch.LongTensor, mask_token_id: int) -> None:
         """Receive the current answer ([answer] or [1, answer]) with masks still in place."""
         ids = answer_ids[0] if answer_ids.dim() > 1 else answer_ids
-        pieces, run = [], []
-        for token in ids.tolist():
-            if token == mask_token_id:
-                if run:
-                    pieces.append(self.tokenizer.decode(run, **self.decode_kwargs))
-                    run = []
-                pieces.append(self.mask_symbol)
-            else:
-                run.append(token)
-        if run:
-            pieces.append(self.tokenizer.decode(run, **self.decode_kwargs))
-        text = "".join(pieces)
+        text = render_draft(ids.tolist(), self.tokenizer, mask_token_id, self.mask_symbol, **self.decode_kwargs)
         self.drafts.append(text)
         self.on_draft_text(text)
 
@@ -878,6 +889,8 @@ __all__ = [
     "REMASKING_STRATEGIES",
     "register_remasking_strategy",
     "TextDiffusionStreamer",
+    "render_draft",
+    "DiffusionCache",
     "plan_blocks",
     "tokens_per_step",
 ]

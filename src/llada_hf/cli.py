@@ -1,0 +1,240 @@
+"""The `llada-hf` command: demo, generate, chat, train, eval, publish.
+
+Every subcommand has `--help`. Errors are one line on stderr with what to change, and a non-zero exit code.
+"""
+
+import argparse
+import os
+import sys
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+# ---- generate and chat ---------------------------------------------------------------------------
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation (defaults: the checkpoint's generation_config)")
+    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--steps", type=int)
+    group.add_argument("--block-length", type=int)
+    group.add_argument("--remasking", help="low_confidence, random, margin or entropy")
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--cfg-scale", type=float)
+    group.add_argument("--kv-cache", choices=["prefix", "dual"])
+    group.add_argument("--confidence-threshold", type=float)
+    group.add_argument("--parallel-factor", type=float)
+    group.add_argument("--early-exit", action="store_true", default=None)
+    group.add_argument("--logits-eos-inf", action="store_true", default=None)
+    group.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    names = ("max_new_tokens", "steps", "block_length", "remasking", "temperature", "top_k", "top_p", "cfg_scale",
+             "kv_cache", "confidence_threshold", "parallel_factor", "early_exit", "logits_eos_inf")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def load_model_and_tokenizer(path: str, dtype: str, device: str):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    import llada_hf  # noqa: F401  (registers the Auto classes)
+
+    if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise CliError(f"{path!r} is not a local folder and HF_HUB_OFFLINE=1; pass the path of a saved model.")
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    return model, tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .generation_llada import TextDiffusionStreamer
+    from .visualization import decoding_order_png
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device)
+    texts = [" ".join(args.prompt)] if args.join else list(args.prompt)
+    if args.chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                               tokenize=False) for t in texts]
+    if (args.stream or args.visualize) and len(texts) != 1:
+        raise CliError("--stream and --visualize show one answer: pass a single prompt.")
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
+    streamer = TextDiffusionStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
+    out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, streamer=streamer,
+                         generator=torch.Generator(device=args.device).manual_seed(args.seed),
+                         return_dict_in_generate=True, **generation_kwargs(args))
+    answers = out.sequences[:, batch.input_ids.shape[1]:]
+    if not args.stream:
+        for text in tokenizer.batch_decode(answers, skip_special_tokens=True):
+            print(text.strip())
+    if args.visualize:
+        tokens = [tokenizer.decode([t]) for t in answers[0].tolist()]
+        decoding_order_png(args.visualize, out.commit_step[0].cpu(), tokens, title=" ".join(args.prompt)[:80])
+        print(f"decoding order written to {args.visualize}", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import torch
+
+    from .generation_llada import TextDiffusionStreamer
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device)
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("Chat with the model; an empty line or Ctrl-D ends it.", flush=True)
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            break
+        if not user or user in ("/exit", "/quit"):
+            break
+        messages.append({"role": "user", "content": user})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(args.device)
+        print("model> ", end="", flush=True)
+        streamer = TextDiffusionStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        out = model.generate(ids, streamer=streamer, generator=torch.Generator(device=args.device).manual_seed(args.seed),
+                             **generation_kwargs(args))
+        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": answer})
+
+
+# ---- train ---------------------------------------------------------------------------------------
+
+
+def cmd_train(argv: list[str]) -> None:
+    """`llada-hf train`: DiffusionSFTConfig fields as flags, a local dataset; works under `accelerate launch`."""
+    from dataclasses import dataclass, field
+
+    from transformers import AutoModel, AutoTokenizer
+    from trl import TrlParser
+
+    import llada_hf  # noqa: F401
+    from .trainers import DiffusionSFTConfig, DiffusionSFTTrainer
+
+    @dataclass
+    class TrainScriptArguments:
+        model_name_or_path: str = field(metadata={"help": "A saved model folder (or Hub id) to fine-tune."})
+        dataset_path: str = field(metadata={"help": "A .json/.jsonl/.parquet file or a `save_to_disk` folder."})
+        dataset_split: str = field(default="train", metadata={"help": "The split to train on."})
+        use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+        lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+        lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+
+    parser = TrlParser((TrainScriptArguments, DiffusionSFTConfig), prog="llada-hf train")
+    script_args, training_args = parser.parse_args_and_config(argv)
+    dataset = load_local_dataset(script_args.dataset_path, script_args.dataset_split)
+    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+    model = AutoModel.from_pretrained(script_args.model_name_or_path)
+    peft_config = None
+    if script_args.use_peft:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=script_args.lora_r, lora_alpha=script_args.lora_alpha, target_modules="all-linear")
+    trainer = DiffusionSFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+                                  peft_config=peft_config)
+    trainer.train()
+    trainer.save_model()
+
+
+def load_local_dataset(path: str, split: str = "train"):
+    """A datasets.Dataset from a .json/.jsonl/.parquet file or a `save_to_disk` folder (no download)."""
+    from datasets import load_dataset, load_from_disk
+
+    if os.path.isdir(path):
+        data = load_from_disk(path)
+        return data[split] if hasattr(data, "keys") and split in data else data
+    extension = os.path.splitext(path)[1].lower()
+    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+    if extension not in builders:
+        raise CliError(f"--dataset_path {path!r}: use a .json, .jsonl or .parquet file or a datasets folder.")
+    if not os.path.isfile(path):
+        raise CliError(f"--dataset_path {path!r} does not exist.")
+    return load_dataset(builders[extension], data_files={split: path}, split=split)
+
+
+# ---- demo ----------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DEFAULT, LARGE, QUICK, run_demo
+
+    settings = QUICK if args.quick else LARGE if args.large else DEFAULT
+    run_demo(args.output_dir, seed=args.seed, settings=settings)
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llada-hf", description="LLaDA masked diffusion language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the reversal experiment in miniature (the main job)")
+    demo.add_argument("--output-dir", default="outputs/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
+    size.add_argument("--large", action="store_true", help="a bigger run that shows the effect more strongly")
+    demo.set_defaults(func=cmd_demo)
+
+    generate = sub.add_parser("generate", help="generate answers to prompts")
+    generate.add_argument("model", help="a saved model folder")
+    generate.add_argument("prompt", nargs="+", help="one or more prompts (one answer each)")
+    generate.add_argument("--join", action="store_true", help="join the words into a single prompt")
+    generate.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
+    generate.add_argument("--stream", action="store_true", help="show the drafts while denoising")
+    generate.add_argument("--visualize", metavar="PNG", help="write the decoding-order picture here")
+    add_generation_options(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="multi-turn chat in the terminal with live drafts")
+    chat.add_argument("model", help="a saved model folder")
+    chat.add_argument("--system", help="a system message")
+    add_generation_options(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    train = sub.add_parser("train", help="fine-tune with DiffusionSFTTrainer (flags: DiffusionSFTConfig fields)",
+                           add_help=False)
+    train.set_defaults(func=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "train":
+            cmd_train(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
+        args.func(args)
+        return 0
+    except (CliError, ValueError, TypeError, OSError, RuntimeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"llada-hf: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

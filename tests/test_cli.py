@@ -1,0 +1,99 @@
+"""The `llada-hf` command: every subcommand on a tiny model, one-line errors, and the quick demo end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llada_hf.cli import main
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from llada_hf import LladaConfig, LladaForMaskedDiffusion
+    from llada_hf.tokenization import model_token_ids, train_tokenizer
+
+    folder = tmp_path_factory.mktemp("cli-model")
+    texts = [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "bird") for v in ("red", "blue")]
+    tokenizer = train_tokenizer(texts * 4, vocab_size=290)
+    torch.manual_seed(0)
+    config = LladaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         **model_token_ids(tokenizer))
+    model = LladaForMaskedDiffusion(config).eval()
+    model.generation_config.max_new_tokens = 6
+    model.generation_config.steps = 6
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_generate_prints_one_answer_per_prompt(saved_model, capsys):
+    assert main(["generate", saved_model, "the cat", "the dog", "--max-new-tokens", "4", "--steps", "4"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_generate_stream_chat_and_visualize(saved_model, tmp_path, capsys):
+    png = tmp_path / "order.png"
+    code = main(["generate", saved_model, "the cat", "--chat", "--stream", "--visualize", str(png),
+                 "--block-length", "3", "--kv-cache", "dual", "--early-exit"])
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors_are_one_line_with_a_non_zero_exit(saved_model, tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llada-hf: error:") and len(err.splitlines()) == 1
+    assert main(["generate", saved_model, "hi", "--steps", "0"]) == 1
+    assert "steps" in capsys.readouterr().err
+    assert main(["generate", saved_model, "a", "b", "--stream"]) == 1
+    assert "single prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["generate"], ["chat"], ["train"]])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage" in capsys.readouterr().out.lower()
+
+
+def test_chat_answers_each_turn(saved_model):
+    result = subprocess.run(
+        [sys.executable, "-m", "llada_hf.cli", "chat", saved_model, "--max-new-tokens", "4", "--steps", "4"],
+        input="hello\nand again\n\n", capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("model>") == 2
+
+
+def test_train_on_a_local_jsonl(saved_model, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": "the cat", "completion": " sat on the red mat"}, {"prompt": "the dog", "completion": " sat"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows * 4))
+    out = tmp_path / "trained"
+    code = main(["train", "--model_name_or_path", saved_model, "--dataset_path", str(data), "--output_dir", str(out),
+                 "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none",
+                 "--gradient_checkpointing", "false", "--bf16", "false", "--save_strategy", "no"])
+    assert code == 0
+    assert (out / "model.safetensors").is_file() and (out / "modeling_llada.py").is_file()
+    assert main(["train", "--model_name_or_path", saved_model, "--dataset_path", str(tmp_path / "x.csv"),
+                 "--output_dir", str(out)]) == 1
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "llada_hf.cli", "demo", "--quick", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "llada-hf demo" in result.stdout and "Time taken" in result.stdout
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert set(summary["held_out"]) == {"LLaDA (masked diffusion)", "Llama (autoregressive)"}
+    assert "transformers_modules" in summary["example"]["reloaded_module"]
+    assert (tmp_path / "decoding_order.png").read_bytes()[:4] == b"\x89PNG"
+    folder = tmp_path / "llada-reversal"
+    for name in ("README.md", "config.json", "model.safetensors", "modeling_llada.py", "tokenizer.json"):
+        assert (folder / name).is_file(), name
