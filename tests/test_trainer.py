@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
@@ -106,12 +106,13 @@ def test_loss_function_by_hand():
     p = torch.tensor([0.5, 0.25])
     lengths = torch.tensor([3, 2])
     # row sums S = (2 + 3) / 0.5 = 10 and 5 / 0.25 = 20
-    assert masked_diffusion_loss(nll, masked, p, lengths, "answer_length").item() == pytest.approx((10 / 3 + 20 / 2) / 2)
+    per_row = 10 / 3 + 20 / 2
+    assert masked_diffusion_loss(nll, masked, p, lengths, "answer_length").item() == pytest.approx(per_row / 2)
     assert masked_diffusion_loss(nll, masked, p, lengths, "token").item() == pytest.approx(30 / 5)
     assert masked_diffusion_loss(nll, masked, p, lengths, "sequence").item() == pytest.approx(30 / 2)
     # part of a larger step: divided by the step's count instead
     assert masked_diffusion_loss(nll, masked, p, lengths, "answer_length", num_items=8).item() == pytest.approx(
-        (10 / 3 + 20 / 2) / 8
+        per_row / 8
     )
 
 
@@ -199,6 +200,23 @@ def test_text_dataset_is_pretraining_every_token_maskable(tmp_path):
     assert (~attended).any() and (batch["labels"][~attended] == -100).all()  # padding ignored, not EOS-scored
 
 
+def test_wrapped_packing_gives_full_length_pretraining_rows(tmp_path):
+    text = Dataset.from_dict({"text": ["the quick brown fox", "the lazy dog jumps over the quick brown fox"] * 8})
+    trainer = make_trainer(tmp_path, dataset=text, packing=True, packing_strategy="wrapped", max_length=16, max_steps=2)
+    batch = first_batch(trainer, n=3)
+    assert batch["input_ids"].shape == (3, 16) and (batch["labels"] != -100).all()  # no padding, all maskable
+    assert trainer.train().global_step == 2
+
+
+def test_streaming_conversational_dataset(tmp_path):
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello there"}]
+    stream = IterableDataset.from_generator(lambda: ({"messages": chat} for _ in range(16)))
+    trainer = make_trainer(tmp_path, dataset=stream, max_steps=2)
+    example = next(iter(trainer.train_dataset))
+    assert -100 in example["labels"]  # split into prompt and completion: the prompt is not maskable
+    assert trainer.train().global_step == 2
+
+
 def test_random_length_cut_applies_to_pretraining_batches_only(tmp_path):
     text = Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog"] * 16})
     trainer = make_trainer(tmp_path, dataset=text, random_length_prob=1.0)
@@ -241,7 +259,8 @@ def test_multi_turn_conversation_trains_every_assistant_turn(tmp_path):
         answer = [tok for tok, label in zip(example["input_ids"], example["labels"]) if label != -100]
         prompt = example["input_ids"][: len(example["input_ids"]) - len(answer)]
         assert tokenizer.decode(answer) == chat[turn]["content"] + "<|eot_id|>"
-        assert prompt == tokenizer.apply_chat_template(chat[:turn], add_generation_prompt=True, tokenize=True)["input_ids"]
+        rendered = tokenizer.apply_chat_template(chat[:turn], add_generation_prompt=True, tokenize=True)
+        assert prompt == rendered["input_ids"]  # everything before the turn, earlier answers included
 
 
 def test_evaluation_uses_the_same_noise_every_time(tmp_path):
@@ -390,7 +409,9 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(
 
 def test_two_processes_give_the_loss_curve_of_gradient_accumulation(tmp_path):
     script, result = tmp_path / "train.py", tmp_path / "result.json"
-    script.write_text(TWO_PROCESS_SCRIPT.format(tests_dir=TESTS_DIR, output_dir=str(tmp_path / "ddp"), result=str(result)))
+    script.write_text(
+        TWO_PROCESS_SCRIPT.format(tests_dir=TESTS_DIR, output_dir=str(tmp_path / "ddp"), result=str(result))
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # accelerate's multi-process (torchrun) launcher; with `use_cpu=True` the processes join a gloo group
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -241,13 +241,14 @@ class DiffusionSFTTrainer(SFTTrainer):
                 if data is not None:
                     check_dataset_format(data, args.dataset_text_field, name)
 
-        model_config = model.config if not isinstance(model, str) else self._load_config(model, args)
+        # A model id is judged by its config, read without loading the weights (TRL loads them later)
+        revision = (args.model_init_kwargs or {}).get("revision")
+        hub_kwargs = {"revision": revision, "trust_remote_code": args.trust_remote_code}
+        model_config = AutoConfig.from_pretrained(model, **hub_kwargs) if isinstance(model, str) else model.config
         check_masked_diffusion_model(model, model_config)
-        if processing_class is None:
+        if processing_class is None:  # as TRL would load it, but needed now for the mask token
             model_id = model if isinstance(model, str) else get_config_model_id(model_config)
-            processing_class = AutoProcessor.from_pretrained(
-                model_id, revision=(args.model_init_kwargs or {}).get("revision"), trust_remote_code=args.trust_remote_code
-            )
+            processing_class = AutoProcessor.from_pretrained(model_id, **hub_kwargs)
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         self.mask_token_id = resolve_mask_token_id(model_config, tokenizer)
 
@@ -287,13 +288,6 @@ class DiffusionSFTTrainer(SFTTrainer):
         dict_args = args.to_dict()
         dict_args["hub_token"] = args.hub_token  # `to_dict` hides the token
         return DiffusionSFTConfig(**dict_args)
-
-    @staticmethod
-    def _load_config(model_id: str, args: DiffusionSFTConfig) -> PreTrainedConfig:
-        init_kwargs = args.model_init_kwargs or {}
-        return AutoConfig.from_pretrained(
-            model_id, revision=init_kwargs.get("revision"), trust_remote_code=args.trust_remote_code
-        )
 
     # ---- Data ----
 
@@ -361,7 +355,7 @@ class DiffusionSFTTrainer(SFTTrainer):
         return {key: value[:, :length] for key, value in batch.items()}
 
     def _count_loss_items(self, batch_samples: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
-        """Rows, or answer tokens for `loss_normalization="token"`, of the step's micro-batches (noise copies included)."""
+        """Rows (answer tokens for `loss_normalization="token"`) of the step's micro-batches, noise copies included."""
         if self.args.loss_normalization == "token":
             count = sum(int((batch["labels"] != -100).sum()) for batch in batch_samples)
         else:
@@ -403,7 +397,9 @@ class DiffusionSFTTrainer(SFTTrainer):
         answer_mask = labels != -100  # [B, L]
         t = sample_times(len(input_ids), self.args.antithetic_time, self._noise_generator, input_ids.device)  # [B]
         mask_prob = masking_probability(t, self.args.time_epsilon)
-        noisy_ids, masked = mask_answer_tokens(input_ids, answer_mask, mask_prob, self.mask_token_id, self._noise_generator)
+        noisy_ids, masked = mask_answer_tokens(
+            input_ids, answer_mask, mask_prob, self.mask_token_id, self._noise_generator
+        )
         # 4. score: `shift_labels` are used as given (no shift); -100 everywhere but at the masked positions
         outputs = model(
             input_ids=noisy_ids,
@@ -414,7 +410,12 @@ class DiffusionSFTTrainer(SFTTrainer):
         )
         # 5. loss
         loss = masked_diffusion_loss(
-            -outputs.log_probs, masked, mask_prob, answer_mask.sum(dim=1), self.args.loss_normalization, num_items_in_batch
+            token_nll=-outputs.log_probs,
+            masked=masked,
+            mask_prob=mask_prob,
+            answer_lengths=answer_mask.sum(dim=1),
+            normalization=self.args.loss_normalization,
+            num_items=num_items_in_batch,
         )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # The count spans every process, and DDP averages the gradients over processes
