@@ -371,7 +371,8 @@ def usage_snippet(facts: CheckpointFacts, repo_id: str, base_model: str | None) 
     else:
         prompt = f'inputs = tokenizer("{SNIPPET_PROMPT}", return_tensors="pt")\n'
     arguments = ['inputs["input_ids"]', 'attention_mask=inputs["attention_mask"]']
-    arguments += [f"{name}={python_literal(value)}" for name, value in snippet_settings(facts.generation_config).items()]
+    settings = snippet_settings(facts.generation_config)
+    arguments += [f"{name}={python_literal(value)}" for name, value in settings.items()]
     generate = (
         "output = model.generate(\n" + "".join(f"    {argument},\n" for argument in arguments) + ")\n"
         'answer = output[0, inputs["input_ids"].shape[1]:]  # generate returns prompt + answer\n'
@@ -396,6 +397,7 @@ def python_literal(value: int | float | str) -> str:
 def training_section(trainer: Any, datasets: str | Sequence[str] | None) -> str:
     """Hyperparameters and final logged metrics of a finished `transformers.Trainer` (duck-typed)."""
     args, state = trainer.args, trainer.state
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # an enum in TrainingArguments
     rows: list[tuple[str, Any]] = []
     if datasets:
         names = [datasets] if isinstance(datasets, str) else list(datasets)
@@ -406,7 +408,7 @@ def training_section(trainer: Any, datasets: str | Sequence[str] | None) -> str:
     rows += [
         ("Optimizer steps", state.global_step),
         ("Epochs", f"{state.epoch:.2f}" if state.epoch is not None else "-"),
-        ("Learning rate", f"{args.learning_rate:g} ({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} schedule)"),
+        ("Learning rate", f"{args.learning_rate:g} ({scheduler} schedule)"),
         (
             "Batch size (per device × accumulation × devices)",
             f"{args.per_device_train_batch_size} × {args.gradient_accumulation_steps} × {args.world_size} = "
@@ -415,7 +417,8 @@ def training_section(trainer: Any, datasets: str | Sequence[str] | None) -> str:
     ]
     lora = active_peft_config(getattr(trainer, "model", None))
     if lora is not None:
-        rows.append(("LoRA", f"r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, on {format_targets(lora.target_modules)}"))
+        targets = format_targets(lora.target_modules)
+        rows.append(("LoRA", f"r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout}, on {targets}"))
     rows += [(f"Final `{key}`", f"{value:.4g}") for key, value in final_metrics(state.log_history).items()]
     versions = f"llada-hf {version('llada-hf')}, transformers {transformers.__version__}, torch {torch.__version__}"
     return f"## Training\n\nTrained with {versions}.\n\n" + markdown_table(("Setting", "Value"), rows)
