@@ -169,6 +169,17 @@ def test_dry_run_without_folder_leaves_nothing_behind(model, tokenizer):
     assert plan.files == MODEL_FILES and plan.folder is None
 
 
+def test_publish_folder_of_an_adapter_needs_and_takes_its_base(adapter, tokenizer, tmp_path):
+    adapter.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Pass base_model='owner/name'"):
+        publish_folder(tmp_path, "alice/tiny-lora", dry_run=True)
+    plan = publish_folder(tmp_path, "alice/tiny-lora", base_model="alice/tiny-llada", dry_run=True)
+    assert plan.files == ADAPTER_FILES
+    assert (plan.card.data.base_model, plan.card.data.base_model_relation) == ("alice/tiny-llada", "adapter")
+    assert "Architecture" not in str(plan.card)  # the base's config is not in an adapter folder
+
+
 def test_adapter_publishes_as_adapter_pointing_at_its_base(adapter, tokenizer, tmp_path):
     plan = publish(
         adapter, tokenizer, "alice/tiny-lora", dry_run=True, base_model="alice/tiny-llada",
@@ -399,7 +410,9 @@ def test_failed_upload_keeps_model_and_folder_and_says_where(upload):
     outcome = upload.outcomes["broken"]
     folder = upload.tmp / "broken"
     assert outcome["error"] == "PublishError"
-    assert "Nothing was committed" in outcome["message"] and str(folder) in outcome["message"]
+    first_line = outcome["message"].splitlines()[0]  # all the CLI shows
+    assert first_line.startswith("Uploading to alice/broken failed (Server error '500 Internal Server Error'")
+    assert "Nothing was committed" in first_line and f"llada-hf publish {folder} alice/broken" in first_line
     assert sorted(read_folder(folder)) == MODEL_FILES
     assert upload.hub.repos["alice/broken"].branches["main"] == {}
     assert upload.outcomes["model_unchanged"]

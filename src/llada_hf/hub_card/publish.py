@@ -145,6 +145,7 @@ def publish_folder(
     repo_id: str,
     *,
     card: ModelCard | None = None,
+    base_model: str | None = None,
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
@@ -157,7 +158,8 @@ def publish_folder(
     folder and written to `PATH/README.md`, replacing any README.md there; to keep your own, pass
     `card=ModelCard.load(PATH / "README.md")`. A model folder must contain the bundle's code
     (`save_pretrained` of `LladaForMaskedDiffusion` writes it). `dry_run` writes the card and returns the
-    planned files without network access. Other arguments as in `publish`.
+    planned files without network access. An adapter folder needs `base_model` (the base's Hub id) unless
+    PEFT recorded its base as a Hub id. Other arguments as in `publish`.
 
     Example:
         ```python
@@ -181,7 +183,7 @@ def publish_folder(
     facts = facts_from_folder(folder)  # also refuses a folder that is neither a LLaDA model nor an adapter
     check_folder_complete(folder, is_adapter=facts.is_adapter)
     if card is None:
-        card = render_model_card(folder, repo_id=repo_id)
+        card = render_model_card(folder, repo_id=repo_id, base_model=base_model)
     api = None if dry_run else HfApi(token=token)
     repo_exists = None if dry_run else check_remote_repo(api, repo_id)
     card.save(folder / "README.md")
@@ -334,8 +336,10 @@ def upload(
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in files]
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
     except Exception as error:  # whatever broke (HTTP status, connection, server reply), say where the files are
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # One line: the CLI shows only the first line of an error (the full cause stays chained).
         raise PublishError(
-            f"Uploading to {repo_id} failed: {error}\nNothing was committed. The files are kept in {folder}; "
-            f"retry with llada_hf.hub_card.publish_folder({str(folder)!r}, {repo_id!r})."
+            f"Uploading to {repo_id} failed ({cause}). Nothing was committed; the files are kept in {folder}: "
+            f"retry with `llada-hf publish {folder} {repo_id}` or publish_folder({str(folder)!r}, {repo_id!r})."
         ) from error
     return commit.commit_url
