@@ -130,10 +130,9 @@ def publish(
             shutil.rmtree(folder)
         return PublishResult(repo_id, files, card, None if temporary else folder, None)
 
-    default_message = f"Upload LLaDA {'adapter' if facts.is_adapter else 'model'} with llada-hf"
     commit_url = upload(
         api, folder, files, repo_id, repo_exists=repo_exists, private=private, revision=revision,
-        commit_message=commit_message or default_message,
+        commit_message=commit_message or default_commit_message(facts.is_adapter),
     )
     if temporary:
         shutil.rmtree(folder)
@@ -190,10 +189,9 @@ def publish_folder(
     files = list_files(folder)
     if dry_run:
         return PublishResult(repo_id, files, card, folder, None)
-    default_message = f"Upload LLaDA {'adapter' if facts.is_adapter else 'model'} with llada-hf"
     commit_url = upload(
         api, folder, files, repo_id, repo_exists=repo_exists, private=private, revision=revision,
-        commit_message=commit_message or default_message,
+        commit_message=commit_message or default_commit_message(facts.is_adapter),
     )
     return PublishResult(repo_id, files, card, folder, commit_url)
 
@@ -310,6 +308,10 @@ def save_checkpoint(model: Any, tokenizer: Any, card: ModelCard, folder: Path, *
     to_save.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     card.save(folder / "README.md")  # after save_pretrained: replaces the template card PEFT writes
+
+
+def default_commit_message(is_adapter: bool) -> str:
+    return f"Upload LLaDA {'adapter' if is_adapter else 'model'} with llada-hf"
 
 
 def list_files(folder: Path) -> list[str]:
