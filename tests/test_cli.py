@@ -53,7 +53,7 @@ def test_errors_are_one_line_with_a_non_zero_exit(saved_model, tmp_path, capsys)
     assert "single prompt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["generate"], ["chat"], ["train"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["generate"], ["chat"], ["train"], ["publish"]])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -82,6 +82,16 @@ def test_train_on_a_local_jsonl(saved_model, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "modeling_llada.py").is_file()
     assert main(["train", "--model_name_or_path", saved_model, "--dataset_path", str(tmp_path / "x.csv"),
                  "--output_dir", str(out)]) == 1
+
+
+def test_publish_dry_run_lists_the_files(saved_model, capsys):
+    assert main(["publish", saved_model, "someone/tiny-llada", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for name in ("README.md", "config.json", "model.safetensors", "modeling_llada.py", "tokenizer.json"):
+        assert name in out
+    assert "dry run" in out
+    assert main(["publish", saved_model, "not a repo id", "--dry-run"]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_quick_demo_end_to_end(tmp_path):

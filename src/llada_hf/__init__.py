@@ -19,6 +19,7 @@ from .generation_llada import (
     TextDiffusionStreamer,
     register_remasking_strategy,
 )
+from .hub_card import publish, publish_folder, render_model_card
 from .modeling_llada import LladaForMaskedDiffusion, LladaModel, LladaPreTrainedModel, MaskedDiffusionOutput
 
 
@@ -41,4 +42,7 @@ __all__ = [
     "RemaskingStrategy",
     "TextDiffusionStreamer",
     "register_remasking_strategy",
+    "publish",
+    "publish_folder",
+    "render_model_card",
 ]

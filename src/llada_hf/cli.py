@@ -172,6 +172,18 @@ def load_local_dataset(path: str, split: str = "train"):
     return load_dataset(builders[extension], data_files={split: path}, split=split)
 
 
+# ---- publish -------------------------------------------------------------------------------------
+
+
+def cmd_publish(args: argparse.Namespace) -> None:
+    from .hub_card import publish_folder
+
+    result = publish_folder(args.path, args.repo_id, base_model=args.base_model,
+                            private=True if args.private else None, dry_run=args.dry_run)
+    print("\n".join(result.files))
+    print(result.commit_url or "dry run: nothing was uploaded")
+
+
 # ---- demo ----------------------------------------------------------------------------------------
 
 
@@ -212,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message")
     add_generation_options(chat)
     chat.set_defaults(func=cmd_chat)
+
+    publish = sub.add_parser("publish", help="upload a saved model or adapter folder to the Hub in one commit")
+    publish.add_argument("path", help="a folder written by save_pretrained (model or LoRA adapter)")
+    publish.add_argument("repo_id", help="owner/name on the Hub")
+    publish.add_argument("--private", action="store_true", help="create the repository as private")
+    publish.add_argument("--dry-run", action="store_true", help="list the files and render the card; upload nothing")
+    publish.add_argument("--base-model", help="Hub id of the base model (for adapters and fine-tunes)")
+    publish.set_defaults(func=cmd_publish)
 
     train = sub.add_parser("train", help="fine-tune with DiffusionSFTTrainer (flags: DiffusionSFTConfig fields)",
                            add_help=False)
