@@ -15,6 +15,7 @@ from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
+from trl import SFTConfig
 
 from llada_hf.tokenization import train_tokenizer
 from llada_hf.trainers import (
@@ -95,6 +96,15 @@ def test_config_defaults_are_the_llada_recipe(tmp_path):
 def test_config_rejects_bad_and_next_token_values(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         DiffusionSFTConfig(output_dir=str(tmp_path), bf16=False, **{field: value})
+
+
+def test_a_plain_sft_config_is_converted(tmp_path):
+    args = SFTConfig(output_dir=str(tmp_path / "out"), bf16=False, max_length=64, report_to="none", max_steps=1)
+    trainer = DiffusionSFTTrainer(
+        model=build_model(), args=args, train_dataset=reversal_dataset(8), processing_class=build_tokenizer()
+    )
+    assert isinstance(trainer.args, DiffusionSFTConfig) and trainer.args.max_length == 64
+    assert trainer.args.time_epsilon == 1e-3  # the diffusion fields take their defaults
 
 
 # ---- the loss, by hand ----

@@ -286,7 +286,8 @@ class DiffusionSFTTrainer(SFTTrainer):
         if isinstance(args, DiffusionSFTConfig):
             return args
         dict_args = args.to_dict()
-        dict_args["hub_token"] = args.hub_token  # `to_dict` hides the token
+        # `to_dict` hides the value of every field named "*_token" (`hub_token`, and `eos_token` of an SFTConfig)
+        dict_args.update({key: getattr(args, key) for key in dict_args if key.endswith("_token")})
         return DiffusionSFTConfig(**dict_args)
 
     # ---- Data ----
