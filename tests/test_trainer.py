@@ -18,15 +18,7 @@ from transformers import AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
 from trl import SFTConfig
 
 from llada_hf.tokenization import train_tokenizer
-from llada_hf.trainers import (
-    DataCollatorForMaskedDiffusion,
-    DiffusionSFTConfig,
-    DiffusionSFTTrainer,
-    mask_answer_tokens,
-    masked_diffusion_loss,
-    masking_probability,
-    sample_times,
-)
+from llada_hf.trainers import DataCollatorForMaskedDiffusion, DiffusionSFTConfig, DiffusionSFTTrainer, masked_diffusion_loss
 from sft_helpers import build_args, build_model, build_tokenizer, logged_losses, reversal_dataset, reversal_pairs
 
 
@@ -128,7 +120,9 @@ def test_loss_function_by_hand():
 
 def test_trainer_loss_equals_llada_sft_loss_computed_by_hand(tmp_path):
     """LLADA.md section 5: sum over rows of sum over masked tokens of CE/p, / answer length (EOS padding incl.), / B."""
-    trainer = make_trainer(tmp_path)
+    pairs = reversal_pairs(2, length=2) + reversal_pairs(2, length=4)  # the short answers get EOS padding
+    dataset = Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
+    trainer = make_trainer(tmp_path, dataset=dataset)
     model = trainer.model
     batch = first_batch(trainer)
     seed = 1234
@@ -155,6 +149,9 @@ def test_trainer_loss_equals_llada_sft_loss_computed_by_hand(tmp_path):
         expected += row_sum / answer[row].sum().item()
     expected /= len(ids)
     assert masked.any() and (answer & ~masked).any()  # a non-trivial draw
+    own_lengths = torch.tensor([len(trainer.train_dataset[i]["input_ids"]) for i in range(len(ids))])
+    eos_padding = torch.arange(ids.shape[1])[None, :] >= own_lengths[:, None]
+    assert (masked & eos_padding).any()  # the EOS padding is masked and scored like the answer
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
