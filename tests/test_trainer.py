@@ -508,3 +508,53 @@ def test_trained_from_scratch_reaches_90_percent_exact_match_with_generate(tmp_p
     exact = sum(a.strip() == c.strip() for a, (_, c) in zip(answers, held_out)) / len(held_out)
     print(f"exact match on held-out reversals: {exact:.2f}")
     assert exact >= 0.9
+
+
+# ---- Hub integration: our card and the model's code go with every push ---------------------------------
+
+
+class _RecordingApi:
+    def __init__(self):
+        self.uploads = []
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        files = {}
+        for root, _, names in os.walk(folder_path):
+            for name in names:
+                path = os.path.join(root, name)
+                relative = os.path.relpath(path, folder_path)
+                if not relative.startswith(("checkpoint-", "_")):
+                    files[relative] = open(path, "rb").read()
+        self.uploads.append((repo_id, files))
+
+
+def test_push_to_hub_uploads_our_card_and_the_model_code(tmp_path, monkeypatch):
+    import transformers.trainer
+
+    from llada_hf import LladaConfig, LladaForMaskedDiffusion
+    from llada_hf.tokenization import model_token_ids, train_tokenizer
+
+    api = _RecordingApi()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: api)
+    tokenizer = train_tokenizer(["2+2=4", "3+3=6"], vocab_size=270)
+    config = LladaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         **model_token_ids(tokenizer))
+    trainer = DiffusionSFTTrainer(
+        model=LladaForMaskedDiffusion(config),
+        args=DiffusionSFTConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
+                                bf16=False, report_to="none", save_strategy="no", gradient_checkpointing=False),
+        train_dataset=Dataset.from_dict({"prompt": ["2+2=", "3+3="], "completion": ["4", "6"]}),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.hub_model_id = "alice/tiny-llada"
+    trainer.push_to_hub()
+    (repo_id, files), = api.uploads
+    assert repo_id == "alice/tiny-llada"
+    for name in ("model.safetensors", "config.json", "configuration_llada.py", "modeling_llada.py",
+                 "generation_llada.py", "tokenizer.json", "README.md"):
+        assert name in files, name
+    card = files["README.md"].decode()
+    assert "masked-diffusion" in card and "custom_code" in card
+    assert 'model_id = "alice/tiny-llada"' in card and "trust_remote_code=True" in card
+    assert "Training" in card

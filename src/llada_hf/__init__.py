@@ -19,6 +19,7 @@ from .generation_llada import (
     TextDiffusionStreamer,
     register_remasking_strategy,
 )
+from .trainers import DataCollatorForMaskedDiffusion, DiffusionSFTConfig, DiffusionSFTTrainer
 from .hub_card import publish, publish_folder, render_model_card
 from .modeling_llada import LladaForMaskedDiffusion, LladaModel, LladaPreTrainedModel, MaskedDiffusionOutput
 
@@ -42,6 +43,9 @@ __all__ = [
     "RemaskingStrategy",
     "TextDiffusionStreamer",
     "register_remasking_strategy",
+    "DiffusionSFTConfig",
+    "DiffusionSFTTrainer",
+    "DataCollatorForMaskedDiffusion",
     "publish",
     "publish_folder",
     "render_model_card",

@@ -21,6 +21,8 @@ What changes, because TRL assumes next-token prediction:
   takes no `compute_metrics`, `preprocess_logits_for_metrics` or `compute_loss_func`.
 """
 
+import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -155,6 +157,13 @@ def resolve_mask_token_id(config: PreTrainedConfig, tokenizer: PreTrainedTokeniz
             "the config's `mask_token_id` and the tokenizer belong to this model."
         )
     return mask_token_id
+
+
+LOCAL_OWNER = "your-name"  # the card's repo id when the run is not pushed (its snippet names a repo)
+
+
+def _repo_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:96] or "llada-model"
 
 
 def is_pretraining_batch(batch: dict[str, torch.Tensor]) -> bool:
@@ -438,6 +447,34 @@ class DiffusionSFTTrainer(SFTTrainer):
         metrics["answer_tokens"].append(gather(answer_tokens).sum().item())
 
     # ---- Evaluation ----
+
+    # ---- Hub: our model card and the model's code go with every push ----------------------------------
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
+        """Write the llada-hf model card (a usage snippet that runs, the training summary) and the model's
+        code into `output_dir`, where `push_to_hub` and `hub_strategy` checkpoint pushes upload from.
+
+        TRL's card would describe a causal LM, and transformers' pushes carry weights and config but not the
+        `trust_remote_code` files a stranger needs.
+        """
+        if not self.is_world_process_zero():
+            return
+        from ..hub_card import add_card_and_code
+
+        repo_id = self.hub_model_id or f"{LOCAL_OWNER}/{_repo_name(model_name or os.path.basename(self.args.output_dir))}"
+        try:
+            add_card_and_code(self.args.output_dir, self.model, repo_id=repo_id, tokenizer=self._tokenizer,
+                              trainer=self, datasets=dataset_name, tags=tags)
+        except ValueError:
+            if self.args.push_to_hub:  # a push would publish a wrong card: say so
+                raise
+            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Checkpoint pushes copy only weights and config into output_dir: add the card and code first.
+        if self.args.hub_strategy != "end":
+            self.create_model_card()
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
         """`SFTTrainer.evaluate`, with the same noise at every evaluation so that eval losses compare over time."""
