@@ -19,12 +19,29 @@ from .generation_llada import (
     TextDiffusionStreamer,
     register_remasking_strategy,
 )
-from .trainers import DataCollatorForMaskedDiffusion, DiffusionSFTConfig, DiffusionSFTTrainer
-from .hub_card import publish, publish_folder, render_model_card
 from .modeling_llada import LladaForMaskedDiffusion, LladaModel, LladaPreTrainedModel, MaskedDiffusionOutput
 
 
 __version__ = "0.1.0"
+
+# The tooling (TRL, PEFT, huggingface_hub) is imported on first use, so `import llada_hf` stays as light as
+# loading a model needs.
+_LAZY = {
+    "DiffusionSFTConfig": "trainers",
+    "DiffusionSFTTrainer": "trainers",
+    "DataCollatorForMaskedDiffusion": "trainers",
+    "publish": "hub_card",
+    "publish_folder": "hub_card",
+    "render_model_card": "hub_card",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 AutoConfig.register("llada", LladaConfig, exist_ok=True)
 # The official checkpoints map AutoModel and AutoModelForCausalLM to their LM class; scripts written for
