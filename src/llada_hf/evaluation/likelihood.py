@@ -90,7 +90,11 @@ def log_likelihood(
         balanced_masks: variance reduction. The rows of a group share one random order of the answer
             tokens and mask consecutive (cyclic) windows of it, so every answer token is masked about
             equally often in a group. Each row alone is still a uniform random subset of its size, so the
-            expectation is unchanged. Measured effect: see `benchmarks/RESULTS.md` ("ELBO variance").
+            expectation is unchanged. Measured spread of the estimate (standard deviation over repeated
+            estimates, mc_num 32-96, batch_size 16): LLaDA trained on the poem couplets, answers of about
+            6 tokens: 2.1x smaller (`benchmarks/bench_reversal_poems.py`); random tiny model: 3.8x smaller
+            for a 3-token answer, 1.3x for an 8-token one. It helps most when answer tokens differ in
+            difficulty; the forward passes are the same.
 
     Returns:
         One float per pair (the estimated log-likelihood, higher = more likely); with `return_stderr`,
@@ -163,6 +167,7 @@ def greedy_match(
         >>> import torch
         >>> from llada_hf import LladaConfig, LladaForMaskedDiffusion
         >>> from llada_hf.evaluation import greedy_match
+        >>> _ = torch.manual_seed(0)
         >>> config = LladaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         ...                      num_attention_heads=4, mask_token_id=63, pad_token_id=0, eos_token_id=1)
         >>> model = LladaForMaskedDiffusion(config).eval()
