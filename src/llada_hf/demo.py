@@ -5,8 +5,8 @@ model trained on the same text suffers the reversal curse. The demo:
 
 1. makes a few hundred one-to-one pairs of invented words (deterministic, seeded);
 2. trains a byte-level BPE tokenizer with LLaDA's special tokens and chat template;
-3. trains a small `LladaForMaskedDiffusion` with `DiffusionSFTTrainer` and, as the yardstick, a
-   `LlamaForCausalLM` of the same size on the same data with TRL's `SFTTrainer`: every pair appears as
+3. trains a small `LladaForMaskedDiffusion` with `DiffusionSFTTrainer` and, as the yardstick (in a second
+   process, at the same time), a `LlamaForCausalLM` of the same size on the same data with TRL's `SFTTrainer`: every pair appears as
    plain text ("A B."), and forward ("What follows A?") and reverse ("What precedes B?") questions are
    trained on a subset; the held-out pairs are only ever seen as plain text;
 4. asks both models forward and reverse questions about the held-out pairs, with the same token budget;
@@ -35,22 +35,24 @@ from .tokenization import EOS, EOT, model_token_ids, train_tokenizer
 class DemoSettings:
     """Sizes of one demo run."""
 
-    pairs: int = 320  # invented word pairs
+    pairs: int = 120  # invented word pairs
     question_fraction: float = 0.5  # pairs whose forward and reverse questions are trained
-    hidden_size: int = 128
-    layers: int = 4
+    hidden_size: int = 96
+    layers: int = 3
     heads: int = 4
     vocab_size: int = 400
-    epochs: int = 60
+    epochs: int = 120
     batch_size: int = 32
-    learning_rate: float = 1e-3
-    eval_pairs: int = 80  # held-out pairs asked about
+    learning_rate: float = 3e-3
+    eval_pairs: int = 60  # held-out pairs asked about
+    threads: int = 1  # tiny models train fastest on one thread (no per-op synchronisation)
 
 
 QUICK = DemoSettings(pairs=48, hidden_size=32, layers=2, heads=2, vocab_size=300, epochs=2, batch_size=16,
                      eval_pairs=8)
 DEFAULT = DemoSettings()
-LARGE = DemoSettings(pairs=600, hidden_size=192, layers=6, heads=6, vocab_size=500, epochs=80, eval_pairs=150)
+LARGE = DemoSettings(pairs=400, hidden_size=192, layers=6, heads=6, vocab_size=500, epochs=120, eval_pairs=200,
+                     learning_rate=1e-3, threads=2)
 
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
@@ -99,51 +101,89 @@ def training_rows(pairs, qa_pairs, tokenizer) -> list[dict[str, str]]:
 # ---- 3. models and training -----------------------------------------------------------------------
 
 
-def build_models(settings: DemoSettings, tokenizer, seed: int):
-    """A LLaDA and a Llama with the same dimensions and the same tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_dimensions(settings: DemoSettings, tokenizer) -> dict:
+    """The dimensions and token ids both models share."""
+    return dict(hidden_size=settings.hidden_size, intermediate_size=settings.hidden_size * 3,
+                num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
+                num_key_value_heads=settings.heads, max_position_embeddings=128, rms_norm_eps=1e-5,
+                tie_word_embeddings=False, rope_theta=10000.0, **model_token_ids(tokenizer))
 
+
+def build_llada(settings: DemoSettings, tokenizer, seed: int):
     from .configuration_llada import LladaConfig
     from .modeling_llada import LladaForMaskedDiffusion
 
-    dims = dict(hidden_size=settings.hidden_size, intermediate_size=settings.hidden_size * 3,
-                num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
-                num_key_value_heads=settings.heads, max_position_embeddings=128, rms_norm_eps=1e-5,
-                tie_word_embeddings=False)
-    ids = model_token_ids(tokenizer)
     torch.manual_seed(seed)
-    llada = LladaForMaskedDiffusion(LladaConfig(**dims, **ids, rope_theta=10000.0))
-    torch.manual_seed(seed)
-    llama = LlamaForCausalLM(LlamaConfig(**dims, vocab_size=ids["vocab_size"], pad_token_id=ids["pad_token_id"],
-                                         eos_token_id=ids["eos_token_id"], bos_token_id=ids["bos_token_id"],
-                                         rope_theta=10000.0))
-    return llada, llama
+    return LladaForMaskedDiffusion(LladaConfig(**model_dimensions(settings, tokenizer)))
 
 
-def train_both(llada, llama, rows, tokenizer, settings: DemoSettings, output_dir: str, seed: int):
-    """Train the diffusion model with DiffusionSFTTrainer and the yardstick with TRL's SFTTrainer."""
+def build_llama(settings: DemoSettings, tokenizer, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = model_dimensions(settings, tokenizer)
+    dims.pop("mask_token_id")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**dims))
+
+
+def training_arguments(settings: DemoSettings, seed: int) -> dict:
+    """The same optimisation for both models."""
+    return dict(num_train_epochs=settings.epochs, per_device_train_batch_size=settings.batch_size,
+                learning_rate=settings.learning_rate, lr_scheduler_type="cosine", warmup_steps=10,
+                weight_decay=0.0, logging_steps=20, save_strategy="no", report_to="none", seed=seed,
+                bf16=False, max_length=64, dataloader_num_workers=0, gradient_checkpointing=False,
+                dataloader_pin_memory=False)
+
+
+def train_llada(rows, tokenizer, settings: DemoSettings, output_dir: str, seed: int):
+    """Train the diffusion model with DiffusionSFTTrainer; return the trainer."""
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
     from .trainers import DiffusionSFTConfig, DiffusionSFTTrainer
 
-    dataset = Dataset.from_list(rows)
-    common = dict(num_train_epochs=settings.epochs, per_device_train_batch_size=settings.batch_size,
-                  learning_rate=settings.learning_rate, lr_scheduler_type="cosine", warmup_steps=10,
-                  weight_decay=0.0, logging_steps=20, save_strategy="no", report_to="none", seed=seed,
-                  bf16=False, max_length=64, dataloader_num_workers=0, gradient_checkpointing=False,
-                  dataloader_pin_memory=False)
-    diffusion = DiffusionSFTTrainer(
-        model=llada, args=DiffusionSFTConfig(output_dir=os.path.join(output_dir, "trainer-llada"), **common),
-        train_dataset=dataset, processing_class=tokenizer,
-    )
-    diffusion.train()
-    autoregressive = SFTTrainer(
-        model=llama, args=SFTConfig(output_dir=os.path.join(output_dir, "trainer-llama"), **common),
-        train_dataset=dataset, processing_class=tokenizer,
-    )
-    autoregressive.train()
-    return diffusion, autoregressive
+    args = DiffusionSFTConfig(output_dir=os.path.join(output_dir, "trainer-llada"),
+                              **training_arguments(settings, seed))
+    trainer = DiffusionSFTTrainer(model=build_llada(settings, tokenizer, seed), args=args,
+                                  train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.train()
+    return trainer
+
+
+def train_llama(rows, tokenizer_dir: str, settings: DemoSettings, output_dir: str, seed: int) -> None:
+    """Train the autoregressive yardstick with TRL's SFTTrainer and save it to `output_dir`/llama.
+
+    Runs in its own process (one thread), beside the diffusion model's training: two cores, two models.
+    """
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(settings.threads)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    args = SFTConfig(output_dir=os.path.join(output_dir, "trainer-llama"), disable_tqdm=True,
+                     **training_arguments(settings, seed))
+    trainer = SFTTrainer(model=build_llama(settings, tokenizer, seed), args=args,
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.train()
+    trainer.model.save_pretrained(os.path.join(output_dir, "llama"))
+
+
+def train_both(rows, tokenizer, settings: DemoSettings, output_dir: str, seed: int):
+    """Train LLaDA here and Llama in a second process at the same time; return (LLaDA trainer, Llama)."""
+    import multiprocessing
+
+    from transformers import LlamaForCausalLM
+
+    tokenizer_dir = os.path.join(output_dir, "tokenizer")
+    tokenizer.save_pretrained(tokenizer_dir)
+    llama_job = multiprocessing.get_context("spawn").Process(
+        target=train_llama, args=(rows, tokenizer_dir, settings, output_dir, seed))
+    llama_job.start()
+    diffusion = train_llada(rows, tokenizer, settings, output_dir, seed)
+    llama_job.join()
+    if llama_job.exitcode != 0:
+        raise RuntimeError(f"Training the autoregressive yardstick failed (exit code {llama_job.exitcode}).")
+    return diffusion, LlamaForCausalLM.from_pretrained(os.path.join(output_dir, "llama"))
 
 
 # ---- 4. evaluation -------------------------------------------------------------------------------
@@ -280,6 +320,7 @@ def run_demo(output_dir: str = "outputs/demo", seed: int = 0, settings: DemoSett
     """
     started = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)
+    torch.set_num_threads(settings.threads)
     torch.manual_seed(seed)
     # 1. Data
     pairs = invented_pairs(settings.pairs, seed)
@@ -293,10 +334,10 @@ def run_demo(output_dir: str = "outputs/demo", seed: int = 0, settings: DemoSett
     print(f"[1-2] {len(pairs)} invented pairs ({len(qa_pairs)} with questions, {len(held_out)} held out), "
           f"{len(rows)} training rows, tokenizer of {len(tokenizer)} tokens")
     # 3. Train
-    llada, llama = build_models(settings, tokenizer, seed)
-    print(f"[3] training LLaDA and Llama ({sum(p.numel() for p in llada.parameters()) / 1e6:.2f}M parameters each)")
-    diffusion_trainer, ar_trainer = train_both(llada, llama, rows, tokenizer, settings, output_dir, seed)
-    llada, llama = diffusion_trainer.model.eval(), ar_trainer.model.eval()
+    print(f"[3] training LLaDA (DiffusionSFTTrainer) and, in a second process, Llama (SFTTrainer): "
+          f"{settings.epochs} epochs each")
+    diffusion_trainer, llama = train_both(rows, tokenizer, settings, output_dir, seed)
+    llada, llama = diffusion_trainer.model.eval(), llama.eval()
     # 4. Evaluate on the held-out pairs (seen only as plain text)
     budget = answer_token_budget(tokenizer, pairs)
     eval_pairs = held_out[: settings.eval_pairs]
