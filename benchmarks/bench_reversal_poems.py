@@ -17,7 +17,7 @@ the same dimensions trained with TRL's `SFTTrainer`, on the same rows with the s
 It also measures the spread of the ELBO (`log_likelihood`) on the trained LLaDA with and without
 `balanced_masks`.
 
-The defaults (100 of the couplets, 120 epochs) fit in about 20 minutes on a shared 2-core CPU;
+The defaults (100 of the couplets, 120 epochs) take about 12 minutes on a shared 2-core CPU;
 `--couplets 469` uses them all. One thread per process is fastest on a busy CPU:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_reversal_poems.py --output-dir outputs/reversal-poems
@@ -189,7 +189,7 @@ def main() -> None:
                "sizes": sizes, "seconds": seconds, "training_seconds": trained_at - started}
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)
-    print("\nHeld-out couplets (exact match, %):\n" + report)
+    print("\nHeld-out couplets (% of answers that start with the expected line):\n" + report)
     print("\nCouplets whose questions were trained (sanity check):\n" + "\n".join(table(trained)))
 
 
