@@ -53,7 +53,7 @@ def test_errors_are_one_line_with_a_non_zero_exit(saved_model, tmp_path, capsys)
     assert "single prompt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["generate"], ["chat"], ["train"], ["publish"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["generate"], ["chat"], ["train"], ["publish"], ["eval"]])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])

@@ -168,3 +168,15 @@ def test_bad_settings_are_clear_errors(workspace):
     model = LladaForMaskedDiffusion.from_pretrained(workspace / "model")
     with pytest.raises(ValueError, match="Pass `tokenizer=`"):
         LladaEvalHarness(model, device="cpu")
+
+
+def test_llada_hf_eval_command(workspace, capsys):
+    from llada_hf.cli import main
+
+    out = workspace / "cli"
+    model_args = ",".join([f"pretrained={workspace / 'model'}"] + [f"{k}={v}" for k, v in MODEL_ARGS.items()])
+    code = main(["eval", "--model_args", model_args, "--tasks", "toy_mc", "--include_path", str(workspace / "tasks"),
+                 "--device", "cpu", "--batch_size", "2", "--output_path", str(out)])
+    assert code == 0
+    [path] = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
+    assert "toy_mc" in json.loads(open(path).read())["results"]

@@ -172,6 +172,23 @@ def load_local_dataset(path: str, split: str = "train"):
     return load_dataset(builders[extension], data_files={split: path}, split=split)
 
 
+# ---- eval ----------------------------------------------------------------------------------------
+
+
+def cmd_eval(argv: list[str]) -> None:
+    """`llada-hf eval`: lm-evaluation-harness's own command line with the `llada_hf` model registered."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        from .evaluation import lm_eval_adapter  # noqa: F401  (registers the `llada_hf` model)
+    except ImportError as error:
+        raise CliError(f"`llada-hf eval` needs lm-eval: pip install 'llada-hf[eval]' ({error}).") from None
+    if "--model" not in argv and not any(a.startswith("--model=") for a in argv):
+        argv = ["--model", "llada_hf", *argv]
+    sys.argv = ["llada-hf eval", *argv]
+    cli_evaluate()
+
+
 # ---- publish -------------------------------------------------------------------------------------
 
 
@@ -236,14 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune with DiffusionSFTTrainer (flags: DiffusionSFTConfig fields)",
                            add_help=False)
     train.set_defaults(func=None)
+    sub.add_parser("eval", help="lm-evaluation-harness with the llada_hf model (flags: lm_eval's)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] == "train":
-            cmd_train(argv[1:])
+        if argv and argv[0] in ("train", "eval"):  # these parse their own flags (TRL's / lm_eval's parser)
+            (cmd_train if argv[0] == "train" else cmd_eval)(argv[1:])
             return 0
         args = build_parser().parse_args(argv)
         args.func(args)
