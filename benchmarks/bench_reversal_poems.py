@@ -35,7 +35,6 @@ from llada_hf.demo import (
     DemoSettings,
     answer_token_budget,
     ask,
-    build_models,
     chat_prompt,
     forward_question,
     reverse_question,
@@ -168,9 +167,8 @@ def main() -> None:
         layers=args.layers, heads=args.heads, vocab_size=args.vocab_size, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, eval_pairs=len(held_out),
     )
-    llada, llama = build_models(settings, tokenizer, args.seed)
-    diffusion_trainer, ar_trainer = train_both(llada, llama, rows, tokenizer, settings, args.output_dir, args.seed)
-    llada, llama = diffusion_trainer.model.eval(), ar_trainer.model.eval()
+    diffusion_trainer, llama = train_both(rows, tokenizer, settings, args.output_dir, args.seed)  # side by side
+    llada, llama = diffusion_trainer.model.eval(), llama.eval()
     trained_at = time.perf_counter()
 
     budget = answer_token_budget(tokenizer, couplets)
