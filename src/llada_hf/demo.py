@@ -212,8 +212,7 @@ def ask(model, tokenizer, questions: list[str], budget: int, diffusion: bool) ->
                                  steps=budget, block_length=budget)
         else:
             out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=budget,
-                                 min_new_tokens=budget, do_sample=False, eos_token_id=[eot],
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 do_sample=False, eos_token_id=[eot], pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - start
     answers = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=False)
     return [clean_answer(a) for a in answers], len(questions) * budget / seconds

@@ -1,13 +1,13 @@
-"""`python -m llada_hf.evaluation ...`: lm_eval's command line with the `llada_hf` model registered.
+"""`python -m llada_hf.evaluation ...`: the same as `llada-hf eval` (lm_eval's command line, model `llada_hf`).
 
-    python -m llada_hf.evaluation --model llada_hf --model_args pretrained=PATH --tasks arc_easy
-    accelerate launch -m llada_hf.evaluation --model llada_hf ...   # one share of the documents per process
+    python -m llada_hf.evaluation --model_args pretrained=PATH --tasks arc_easy
+    accelerate launch -m llada_hf.evaluation --model_args pretrained=PATH ...   # a share of the documents per process
 """
 
-from lm_eval.__main__ import cli_evaluate
+import sys
 
-from . import lm_eval_adapter  # noqa: F401  (registers `llada_hf` with lm_eval)
+from ..cli import cmd_eval
 
 
 if __name__ == "__main__":
-    cli_evaluate()
+    cmd_eval(sys.argv[1:])
