@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import EOS_ID, EOT_ID, MASK_ID, PAD_ID, left_padded_batch, tiny_model
+from helpers import EOS_ID, EOT_ID, MASK_ID, left_padded_batch, tiny_model
 from llada_hf.generation_llada import (
     DiffusionGenerationConfig,
     DiffusionGenerationOutput,

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import llada_hf
-from helpers import EMBEDDING_ROWS, MASK_ID, official_config, tiny_config, tiny_model, write_official_checkpoint, left_padded_batch
+from helpers import EMBEDDING_ROWS, MASK_ID, official_config, tiny_config, tiny_model, write_official_checkpoint
 from llada_hf import LladaConfig, LladaForMaskedDiffusion
 from reference_llada import reference_logits
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
