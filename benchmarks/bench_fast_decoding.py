@@ -1,8 +1,10 @@
 """Fast diffusion decoding (issue 4): speed and quality of KV caches, parallel decoding and early exit.
 
 1. Trains (once; cached under benchmarks/outputs/) a small LLaDA with DiffusionSFTTrainer on a task with a
-   checkable answer of variable length: reverse a list of 3-8 letters. Answers are padded with EOS up to
-   the longest generation length, as in LLaDA's SFT, so the model learns to fill the tail with EOS.
+   checkable answer of variable length: reverse a list of letters. The list is left-filled with "." so that
+   "=" sits at the same position in every prompt (a model this small learns the reversal within minutes that
+   way; with ragged prompts it had not after 1200 steps). Answers are padded with EOS up to the quality
+   generation length, as in LLaDA's SFT, so the model learns to fill the tail with EOS.
 2. Quality: exact-match accuracy for {baseline, prefix, dual} x {no threshold, tau = 0.9}.
 3. Speed at max_new_tokens 128/256/512, block_length 32, batch 1 and 8, for the same settings plus early
    exit, against the baseline `generate` in the same run, and against an autoregressive yardstick: a
@@ -11,6 +13,7 @@
 
 tokens/s = answer tokens up to (not including) the first EOS, summed over the batch, per wall second.
 NFE = forward passes. The baseline is `generate` with its defaults (the official sampler, token for token).
+A call shorter than a second is repeated and its median time taken (see `timed`).
 
     .venv/bin/python benchmarks/bench_fast_decoding.py
     .venv/bin/python benchmarks/bench_fast_decoding.py --device cuda --lengths 256 --batches 1 8
@@ -25,7 +28,6 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LETTERS = string.ascii_lowercase[:16]
 
 SETTINGS = {
     "baseline": {},
@@ -39,9 +41,12 @@ SETTINGS = {
 QUALITY_SETTINGS = ("baseline", "prefix", "dual", "tau=0.9", "prefix+tau", "dual+tau")
 
 
-def task_example(rng: random.Random) -> tuple[str, str]:
-    letters = [rng.choice(LETTERS) for _ in range(rng.randint(3, 8))]
-    return "reverse: " + " ".join(letters), " ".join(reversed(letters))
+def task_example(rng: random.Random, args) -> tuple[str, str]:
+    """("reverse: . . c a f =", "f a c"): the prompt (without " =") and the answer."""
+    alphabet = string.ascii_lowercase[:args.alphabet]
+    letters = [rng.choice(alphabet) for _ in range(rng.randint(args.min_letters, args.max_letters))]
+    filler = ["."] * (args.max_letters - len(letters))
+    return "reverse: " + " ".join(filler + letters), " ".join(reversed(letters))
 
 
 def train_model(args):
@@ -54,29 +59,33 @@ def train_model(args):
     from llada_hf.tokenization import model_token_ids, train_tokenizer
     from llada_hf.trainers import DiffusionSFTConfig, DiffusionSFTTrainer
 
-    folder = os.path.join(HERE, "outputs", f"reverse-task-{args.train_steps}-{args.max_train_length}")
+    recipe = (f"{args.alphabet}-{args.min_letters}-{args.max_letters}-{args.hidden}-{args.layers}-{args.lr}-"
+              f"{args.train_steps}-{args.quality_length}")
+    folder = os.path.join(HERE, "outputs", f"reverse-task-{recipe}")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
         return AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
     rng = random.Random(0)
-    rows = [task_example(rng) for _ in range(4000)]
-    tokenizer = train_tokenizer([p + " " + c for p, c in rows], vocab_size=64)
+    rows = [task_example(rng, args) for _ in range(8000)]
+    # 300 tokens: every letter with its leading space becomes one token
+    tokenizer = train_tokenizer([p + " = " + c for p, c in rows], vocab_size=300)
     torch.manual_seed(0)
     model = LladaForMaskedDiffusion(LladaConfig(
         hidden_size=args.hidden, intermediate_size=args.hidden * 3, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, max_position_embeddings=2048, rope_theta=10000.0,
-        **model_token_ids(tokenizer)))
-    # LLaDA's SFT pads every answer with EOS up to the batch length: pad to a fixed length so the model
-    # learns to fill long tails with EOS (the collator pads answers to the longest row of the batch).
-    eos = tokenizer.eos_token
-    data = Dataset.from_list([{"prompt": p + " =", "completion": " " + c + eos * (args.max_train_length // 2)}
-                              for p, c in rows])
+        num_attention_heads=4, max_position_embeddings=2048, **model_token_ids(tokenizer)))
+
+    # LLaDA's SFT pads every answer with EOS: pad each to `quality_length` tokens, so that the model learns to
+    # fill the tail of a generation window with EOS.
+    def completion(answer: str) -> str:
+        return " " + answer + tokenizer.eos_token * (args.quality_length - len(tokenizer(" " + answer).input_ids))
+
+    data = Dataset.from_list([{"prompt": p + " =", "completion": completion(c)} for p, c in rows])
     trainer = DiffusionSFTTrainer(
         model=model,
         args=DiffusionSFTConfig(output_dir=os.path.join(folder, "trainer"), max_steps=args.train_steps,
-                                per_device_train_batch_size=32, learning_rate=2e-3, lr_scheduler_type="cosine",
-                                warmup_steps=20, logging_steps=50, save_strategy="no", report_to="none",
-                                bf16=False, gradient_checkpointing=False, max_length=args.max_train_length,
-                                dataloader_pin_memory=False, seed=0),
+                                per_device_train_batch_size=32, learning_rate=args.lr, lr_scheduler_type="cosine",
+                                warmup_steps=30, weight_decay=0.0, logging_steps=100, save_strategy="no",
+                                report_to="none", bf16=False, gradient_checkpointing=False,
+                                max_length=args.quality_length + 32, dataloader_pin_memory=False, seed=0),
         train_dataset=data, processing_class=tokenizer,
     )
     trainer.train()
@@ -105,17 +114,24 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
+def timed(fn, device, min_seconds: float = 1.0, max_repeats: int = 7):
+    """Run `fn` and return (its output, seconds). A call shorter than `min_seconds` is repeated (up to
+    `max_repeats` calls in all, or `min_seconds` of calls) and the median is taken, so that one-off costs and
+    noise do not decide the fast settings' figures; the long baseline runs once."""
+    times = []
+    while True:
+        sync(device)
+        start = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        if len(times) >= max_repeats or sum(times) >= min_seconds:
+            return out, sorted(times)[len(times) // 2]
 
 
 def quality(model, tokenizer, args):
     rng = random.Random(123)
-    tests = [task_example(rng) for _ in range(args.quality_examples)]
+    tests = [task_example(rng, args) for _ in range(args.quality_examples)]
     ids, mask = encode(tokenizer, [p for p, _ in tests], args.device)
     rows = []
     for name in QUALITY_SETTINGS:
@@ -147,7 +163,7 @@ def speed(model, tokenizer, args):
     rows = []
     for length in args.lengths:
         for batch in args.batches:
-            prompts = [task_example(rng)[0] for _ in range(batch)]
+            prompts = [task_example(rng, args)[0] for _ in range(batch)]
             ids, mask = encode(tokenizer, prompts, args.device)
             results = {}
             for name, extra in SETTINGS.items():
@@ -169,11 +185,13 @@ def speed(model, tokenizer, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--train-steps", type=int, default=600)
-    parser.add_argument("--max-train-length", type=int, default=160)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--alphabet", type=int, default=8, help="letters drawn from the first N of a-z")
+    parser.add_argument("--min-letters", type=int, default=3)
+    parser.add_argument("--max-letters", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-steps", type=int, default=1500)
     parser.add_argument("--quality-examples", type=int, default=200)
     parser.add_argument("--quality-length", type=int, default=64)
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512])
@@ -185,7 +203,7 @@ def main():
     model.to(args.device)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    print(f"\nQuality: reverse 3-8 letters, {args.quality_examples} examples, max_new_tokens {args.quality_length}, "
+    print(f"\nQuality: reverse {args.min_letters}-{args.max_letters} of {args.alphabet} letters, {args.quality_examples} examples, max_new_tokens {args.quality_length}, "
           "block_length 32\n\n| setting | exact match % | NFE |\n|---|---|---|")
     for name, accuracy, nfe in quality(model, tokenizer, args):
         print(f"| {name} | {accuracy:.1f} | {nfe} |")
