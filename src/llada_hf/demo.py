@@ -41,9 +41,11 @@ class DemoSettings:
     layers: int = 3
     heads: int = 4
     vocab_size: int = 400
-    epochs: int = 120
+    epochs: int = 200
     batch_size: int = 32
-    learning_rate: float = 3e-3
+    # 1e-3: at 3e-3 the diffusion model stalls (it learns the EOS padding and the lengths, not the words) and
+    # recalls under 10 % of the trained answers; at 1e-3 both models recall 95-100 % (README, "The demo")
+    learning_rate: float = 1e-3
     eval_pairs: int = 60  # held-out pairs asked about
     threads: int = 1  # tiny models train fastest on one thread (no per-op synchronisation)
 
@@ -51,8 +53,8 @@ class DemoSettings:
 QUICK = DemoSettings(pairs=48, hidden_size=32, layers=2, heads=2, vocab_size=300, epochs=2, batch_size=16,
                      eval_pairs=8)
 DEFAULT = DemoSettings()
-LARGE = DemoSettings(pairs=400, hidden_size=192, layers=6, heads=6, vocab_size=500, epochs=120, eval_pairs=200,
-                     learning_rate=1e-3, threads=2)
+LARGE = DemoSettings(pairs=400, hidden_size=192, layers=6, heads=6, vocab_size=500, epochs=200, eval_pairs=200,
+                     threads=2)
 
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
