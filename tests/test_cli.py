@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from llada_hf.cli import main
+from llada_hf.cli import build_parser, generation_kwargs, main
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,13 @@ def saved_model(tmp_path_factory):
 def test_generate_prints_one_answer_per_prompt(saved_model, capsys):
     assert main(["generate", saved_model, "the cat", "the dog", "--max-new-tokens", "4", "--steps", "4"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_generation_flags_reach_generate():
+    args = build_parser().parse_args(["generate", "m", "hi", "--steps", "4", "--kv-cache", "dual",
+                                      "--confidence-threshold", "0.9", "--logits-eos-inf", "--logits-mask-inf"])
+    assert generation_kwargs(args) == {"steps": 4, "kv_cache": "dual", "confidence_threshold": 0.9,
+                                       "logits_eos_inf": True, "logits_mask_inf": True}
 
 
 def test_generate_stream_chat_and_visualize(saved_model, tmp_path, capsys):

@@ -258,6 +258,22 @@ def test_logits_processors_are_applied_at_every_step(model):
     assert out[0, -6:].tolist() == [9] * 6
 
 
+class FavourMask(LogitsProcessor):
+    def __call__(self, input_ids, scores):
+        favoured = scores.clone()
+        favoured[:, MASK_ID] += 100.0
+        return favoured
+
+
+def test_logits_mask_inf_keeps_the_mask_token_out_of_the_answer(model):
+    favour = LogitsProcessorList([FavourMask()])
+    # As the official sampler: the mask token can be a candidate, and a committed one leaves its position masked
+    plain = model.generate(_prompts(), max_new_tokens=6, steps=6, logits_processor=favour)
+    assert plain[:, -6:].eq(MASK_ID).all()
+    forbidden = model.generate(_prompts(), max_new_tokens=6, steps=6, logits_processor=favour, logits_mask_inf=True)
+    assert not forbidden[:, -6:].eq(MASK_ID).any()
+
+
 def test_early_exit_fills_with_eos_and_stops(model):
     out = model.generate(_prompts(batch=2), max_new_tokens=8, steps=8, remasking=LeftToRight(), early_exit=True,
                          logits_processor=LogitsProcessorList([OnlyToken(EOS_ID)]), return_dict_in_generate=True)

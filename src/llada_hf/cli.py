@@ -30,6 +30,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--parallel-factor", type=float)
     group.add_argument("--early-exit", action="store_true", default=None)
     group.add_argument("--logits-eos-inf", action="store_true", default=None)
+    group.add_argument("--logits-mask-inf", action="store_true", default=None)
     group.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -43,7 +44,8 @@ def _cuda() -> bool:
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
     names = ("max_new_tokens", "steps", "block_length", "remasking", "temperature", "top_k", "top_p", "cfg_scale",
-             "kv_cache", "confidence_threshold", "parallel_factor", "early_exit", "logits_eos_inf")
+             "kv_cache", "confidence_threshold", "parallel_factor", "early_exit", "logits_eos_inf",
+             "logits_mask_inf")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -34,6 +34,7 @@ DIFFUSION_DEFAULTS = {
     "remasking": "low_confidence",
     "cfg_scale": 0.0,
     "logits_eos_inf": False,
+    "logits_mask_inf": False,
     "confidence_eos_eot_inf": False,
     "mask_token_id": None,
     "eot_token_id": None,
@@ -62,6 +63,8 @@ class DiffusionGenerationConfig(GenerationConfig):
       `RemaskingStrategy` instance.
     - `cfg_scale`: unsupervised classifier-free guidance scale (0 = off).
     - `logits_eos_inf`: forbid EOS as a candidate (its logit is set to -inf).
+    - `logits_mask_inf`: forbid the mask token as a candidate. Off by default, as in the official sampler,
+      which may commit the mask token itself (the position then stays masked after its step).
     - `confidence_eos_eot_inf`: give EOS/EoT candidates the lowest confidence, so they are committed
       only when nothing else is left in the block (the intended meaning of the official flag).
     - `mask_token_id`, `eot_token_id`: the mask and end-of-turn token ids.
@@ -428,7 +431,7 @@ class DiffusionGenerationMixin:
         4. Each step runs the model once. With `cfg_scale > 0`, a copy in which every prompt position is
            masked runs in the same batch, and the logits become u + (w + 1)(c - u). Logits are computed
            only for the active window: from the first masked position to the end of the block.
-        5. Candidates: `logits_processor` and `logits_eos_inf` shape the logits; at temperature 0 the
+        5. Candidates: `logits_processor`, `logits_eos_inf` and `logits_mask_inf` shape the logits; at temperature 0 the
            candidate is the argmax, otherwise a sample from softmax(logits / T) restricted by
            `top_k`/`top_p` (which shape the candidates only, not the scores of step 6).
         6. Scores: the remasking strategy scores each masked candidate; decoded positions and positions
@@ -704,7 +707,7 @@ class DiffusionGenerationMixin:
 
     @staticmethod
     def _shape_logits(logits, sequences, config, logits_processor):
-        """Apply user processors and EOS suppression (step 5); the strategies score these logits."""
+        """Apply user processors and EOS / mask-token suppression (step 5); the strategies score these logits."""
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         rows, width, vocab = logits.shape
         if logits_processor:
@@ -712,6 +715,8 @@ class DiffusionGenerationMixin:
             logits = logits_processor(repeated, logits.reshape(rows * width, vocab)).reshape(rows, width, vocab)
         if config.logits_eos_inf:
             logits[..., _token_ids(config.eos_token_id)] = float("-inf")
+        if config.logits_mask_inf:
+            logits[..., config.mask_token_id] = float("-inf")
         return logits
 
     @staticmethod
