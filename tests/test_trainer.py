@@ -90,6 +90,14 @@ def test_config_rejects_bad_and_next_token_values(tmp_path, field, value, messag
         DiffusionSFTConfig(output_dir=str(tmp_path), bf16=False, **{field: value})
 
 
+@pytest.mark.parametrize("sizes", [{"cp_size": 2}, {"sp_size": 2}])
+def test_config_refuses_context_and_sequence_parallelism(tmp_path, sizes):
+    from accelerate.parallelism_config import ParallelismConfig
+
+    with pytest.raises(ValueError, match="data parallelism"):
+        DiffusionSFTConfig(output_dir=str(tmp_path), bf16=False, parallelism_config=ParallelismConfig(**sizes))
+
+
 def test_a_plain_sft_config_is_converted(tmp_path):
     args = SFTConfig(output_dir=str(tmp_path / "out"), bf16=False, max_length=64, report_to="none", max_steps=1)
     trainer = DiffusionSFTTrainer(

@@ -8,6 +8,25 @@ from trl import SFTConfig
 LOSS_NORMALIZATIONS = ("answer_length", "token", "sequence")
 
 
+def refuse_sequence_sharding(parallelism_config) -> None:
+    """Raise a `ValueError` if an accelerate `ParallelismConfig` splits rows across processes.
+
+    Context parallelism (`cp_size > 1`) and sequence parallelism (`sp_size > 1`) shard each row's positions. The
+    masked-diffusion loss divides each row by its whole answer length and LLaDA attends in both directions, and
+    neither is carried across shards here, so such a run would train on a wrong loss: it is refused.
+    """
+    if parallelism_config is None:
+        return
+    for size, enabled in (("cp_size", "cp_enabled"), ("sp_size", "sp_enabled")):
+        if getattr(parallelism_config, enabled, False):
+            raise ValueError(
+                f"`{size} > 1` (context / sequence parallelism) is not supported by DiffusionSFTTrainer: it shards "
+                "each row, while the diffusion loss is normalized over the whole answer of a row. Set it to 1 and "
+                "use data parallelism (DDP, FSDP or DeepSpeed ZeRO split the batch by rows); for long rows, "
+                "gradient checkpointing lowers memory."
+            )
+
+
 @dataclass
 class DiffusionSFTConfig(SFTConfig):
     r"""
@@ -60,7 +79,9 @@ class DiffusionSFTConfig(SFTConfig):
     `"bfd_split"` packing strategies (they rely on position ids with varlen attention kernels; use
     `packing_strategy="wrapped"`, which cuts the text into full-length rows like LLaDA pretraining),
     `assistant_only_loss=True` (every assistant turn is already its own example, prompt = everything before it),
-    `loss_type="dft"` and `label_smoothing_factor > 0` (reweightings of next-token probabilities).
+    `loss_type="dft"` and `label_smoothing_factor > 0` (reweightings of next-token probabilities). Context and
+    sequence parallelism (`parallelism_config` with `cp_size` or `sp_size` > 1) are refused too: they shard rows,
+    and the loss is normalized per whole row (data parallelism works; see `refuse_sequence_sharding`).
 
     Example:
         ```python
@@ -115,6 +136,7 @@ class DiffusionSFTConfig(SFTConfig):
         super().__post_init__()
         self._check_diffusion_fields()
         self._refuse_next_token_options()
+        refuse_sequence_sharding(self.parallelism_config)
 
     def _check_diffusion_fields(self) -> None:
         if not 0.0 <= self.time_epsilon < 1.0:

@@ -45,7 +45,7 @@ from trl.data_utils import get_dataset_column_names, is_conversational_from_valu
 from trl.trainer.utils import get_config_model_id
 
 from .collator import DataCollatorForMaskedDiffusion
-from .config import DiffusionSFTConfig
+from .config import DiffusionSFTConfig, refuse_sequence_sharding
 from .objective import mask_answer_tokens, masked_diffusion_loss, masking_probability, random_length, sample_times
 
 
@@ -275,6 +275,8 @@ class DiffusionSFTTrainer(SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+        # An accelerate config file can enable context / sequence parallelism without `args` knowing
+        refuse_sequence_sharding(getattr(self.accelerator, "parallelism_config", None))
         # A mask id taken from the tokenizer is written to the config, where `generate` reads it
         self.model.config.get_text_config().mask_token_id = self.mask_token_id
         if data_collator is None:  # built after TRL settled the pad and EOS tokens (`args.eos_token`)
