@@ -68,7 +68,19 @@ FAST_SETTINGS = {
     "dual+threshold+early_exit": dict(kv_cache="dual", confidence_threshold=0.3, early_exit=True),
     "prefix+factor+cfg": dict(kv_cache="prefix", parallel_factor=1.0, cfg_scale=1.0),
     "dual+margin": dict(kv_cache="dual", remasking="margin"),
+    "prefix+entropy": dict(kv_cache="prefix", remasking="entropy"),
 }
+
+
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual"])
+@pytest.mark.parametrize("remasking", ["low_confidence", "random", "margin", "entropy"])
+def test_every_strategy_runs_with_each_cache(model, kv_cache, remasking):
+    ids, mask = left_padded_batch(ROWS)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, steps=6, block_length=4, kv_cache=kv_cache,
+                         remasking=remasking, generator=torch.Generator().manual_seed(0), logits_mask_inf=True,
+                         return_dict_in_generate=True)
+    assert out.nfe == 6 and out.commit_step.ge(0).all()
+    assert not out.sequences[:, -12:].eq(model.config.mask_token_id).any()
 
 
 @pytest.mark.parametrize("name", sorted(FAST_SETTINGS))
