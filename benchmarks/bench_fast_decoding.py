@@ -8,8 +8,8 @@
 2. Quality: exact-match accuracy for {baseline, prefix, dual} x {no threshold, tau = 0.9}.
 3. Speed at max_new_tokens 128/256/512, block_length 32, batch 1 and 8, for the same settings plus early
    exit, against the baseline `generate` in the same run, and against an autoregressive yardstick: a
-   LlamaForCausalLM of the same size doing greedy `generate` with its KV cache for the same number of new
-   tokens.
+   LlamaForCausalLM of the same size doing greedy `generate` with its KV cache for exactly `max_new_tokens`
+   new tokens (its tokens/s: new tokens per wall second).
 
 tokens/s = answer tokens up to (not including) the first EOS, summed over the batch, per wall second.
 NFE = forward passes. The baseline is `generate` with its defaults (the official sampler, token for token).
