@@ -6,9 +6,9 @@ model trained on the same text suffers the reversal curse. The demo:
 1. makes a few hundred one-to-one pairs of invented words (deterministic, seeded);
 2. trains a byte-level BPE tokenizer with LLaDA's special tokens and chat template;
 3. trains a small `LladaForMaskedDiffusion` with `DiffusionSFTTrainer` and, as the yardstick (in a second
-   process, at the same time), a `LlamaForCausalLM` of the same size on the same data with TRL's `SFTTrainer`: every pair appears as
-   plain text ("A B."), and forward ("What follows A?") and reverse ("What precedes B?") questions are
-   trained on a subset; the held-out pairs are only ever seen as plain text;
+   process, at the same time), a `LlamaForCausalLM` of the same size on the same data with TRL's
+   `SFTTrainer`: every pair appears as plain text ("A B."), and forward ("What follows A?") and reverse
+   ("What precedes B?") questions are trained on a subset; the held-out pairs are only ever seen as plain text;
 4. asks both models forward and reverse questions about the held-out pairs, with the same token budget;
 5. shows one answer being denoised (terminal drafts and a PNG of the decoding order);
 6. saves the diffusion model with its model card and reloads it in a fresh process with
@@ -18,12 +18,14 @@ Run it with `llada-hf demo` (`--quick` for a < 1 minute smoke run, `--large` for
 """
 
 import json
+import operator
 import os
 import random
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -220,16 +222,18 @@ def ask(model, tokenizer, questions: list[str], budget: int, diffusion: bool) ->
     return [clean_answer(a) for a in answers], len(questions) * budget / seconds
 
 
-def evaluate(models: dict, tokenizer, pairs, budget: int) -> dict:
-    """Forward and reverse accuracy (exact match) of each model on `pairs`."""
+def evaluate(models: dict, tokenizer, pairs, budget: int, match: Callable[[str, str], bool] = operator.eq) -> dict:
+    """Forward and reverse accuracy (%) of each model on `pairs`: answers for which `match(answer, expected)`
+    holds (default: exact match); also the answer tokens/s and the first three answers each way."""
     results = {}
     for name, (model, diffusion) in models.items():
         forward, fwd_speed = ask(model, tokenizer, [forward_question(a) for a, _ in pairs], budget, diffusion)
         reverse, rev_speed = ask(model, tokenizer, [reverse_question(b) for _, b in pairs], budget, diffusion)
         results[name] = {
-            "forward": 100 * sum(x == b for x, (_, b) in zip(forward, pairs)) / len(pairs),
-            "reverse": 100 * sum(x == a for x, (a, _) in zip(reverse, pairs)) / len(pairs),
+            "forward": 100 * sum(match(x, b) for x, (_, b) in zip(forward, pairs)) / len(pairs),
+            "reverse": 100 * sum(match(x, a) for x, (a, _) in zip(reverse, pairs)) / len(pairs),
             "tokens_per_second": (fwd_speed + rev_speed) / 2,
+            "examples": {"forward": forward[:3], "reverse": reverse[:3]},
         }
     return results
 
