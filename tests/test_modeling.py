@@ -13,6 +13,7 @@ from safetensors import safe_open
 import llada_hf
 from helpers import EMBEDDING_ROWS, MASK_ID, official_config, tiny_config, tiny_model, write_official_checkpoint
 from llada_hf import LladaConfig, LladaForMaskedDiffusion
+from llada_hf.modeling_llada import BUNDLE_FILES
 from reference_llada import reference_logits
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -91,7 +92,7 @@ def test_save_writes_our_names_auto_map_and_bundle_and_round_trips_bitwise(tmp_p
         "AutoModelForCausalLM": "modeling_llada.LladaForMaskedDiffusion",
     }
     assert "d_model" not in config and config["hidden_size"] == 64
-    for name in ("configuration_llada.py", "modeling_llada.py", "generation_llada.py"):
+    for name in BUNDLE_FILES:
         assert (out / name).is_file()
     reloaded = AutoModel.from_pretrained(out)
     before, after = model.state_dict(), reloaded.state_dict()

@@ -10,7 +10,6 @@ Three small pieces plug into one loop (`DiffusionGenerationMixin.generate`):
   registered by name: "low_confidence", "random", "margin", "entropy"); the most confident are committed.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +18,9 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.configuration_utils import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
-from transformers.generation.streamers import TextStreamer
 from transformers.modeling_outputs import ModelOutput
+
+from .streaming_llada import TextDiffusionStreamer, render_draft
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def tokens_per_step(num_masked: torch.LongTensor, steps: int) -> torch.LongTenso
 
 
 # --------------------------------------------------------------------------------------------------
-# Outputs and streamers
+# Outputs
 # --------------------------------------------------------------------------------------------------
 
 
@@ -316,66 +316,6 @@ class DiffusionGenerationOutput(ModelOutput):
     tokens_per_forward: torch.Tensor | None = None
     history: tuple[torch.LongTensor, ...] | None = None
     commit_step: torch.LongTensor | None = None
-
-
-def render_draft(ids: list[int], tokenizer, mask_token_id: int, mask_symbol: str = "░", **decode_kwargs) -> str:
-    """Decode a partly masked answer: runs of decided tokens are decoded together, masks drawn as a symbol.
-
-    Example:
-        ```python
-        >>> # render_draft([17, 95, 95, 23], tokenizer, mask_token_id=95)  ->  'the░░cat'
-        ```
-    """
-    pieces, run = [], []
-    for token in ids:
-        if token == mask_token_id:
-            if run:
-                pieces.append(tokenizer.decode(run, **decode_kwargs))
-                run = []
-            pieces.append(mask_symbol)
-        else:
-            run.append(token)
-    if run:
-        pieces.append(tokenizer.decode(run, **decode_kwargs))
-    return "".join(pieces)
-
-
-class TextDiffusionStreamer(TextStreamer):
-    """A `TextStreamer` that also shows the draft answer after every denoising step.
-
-    `generate` calls `put` with committed tokens block by block (as `TextStreamer` expects) and
-    `put_draft(answer_ids, mask_token_id)` after every step. Masked positions are drawn as `mask_symbol`.
-    Override `on_draft_text` to send drafts elsewhere (a UI, a log).
-
-    Example:
-        ```python
-        >>> from llada_hf.generation_llada import TextDiffusionStreamer
-        >>> # streamer = TextDiffusionStreamer(tokenizer, skip_prompt=True)
-        >>> # model.generate(input_ids, streamer=streamer, max_new_tokens=64)
-        ```
-    """
-
-    def __init__(self, tokenizer, skip_prompt: bool = False, mask_symbol: str = "░", **decode_kwargs):
-        super().__init__(tokenizer, skip_prompt=skip_prompt, **decode_kwargs)
-        self.mask_symbol = mask_symbol
-        self.drafts: list[str] = []
-
-    def put_draft(self, answer_ids: torch.LongTensor, mask_token_id: int) -> None:
-        """Receive the current answer ([answer] or [1, answer]) with masks still in place."""
-        ids = answer_ids[0] if answer_ids.dim() > 1 else answer_ids
-        text = render_draft(ids.tolist(), self.tokenizer, mask_token_id, self.mask_symbol, **self.decode_kwargs)
-        self.drafts.append(text)
-        self.on_draft_text(text)
-
-    def on_draft_text(self, text: str) -> None:
-        """Redraw the draft on one terminal line (only when stdout is a terminal)."""
-        if os.isatty(1):
-            print("\r\x1b[K" + text.replace("\n", "⏎"), end="", flush=True)
-
-    def end(self):
-        if os.isatty(1) and self.drafts:
-            print("\r\x1b[K", end="", flush=True)
-        super().end()
 
 
 # --------------------------------------------------------------------------------------------------

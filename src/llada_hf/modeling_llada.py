@@ -406,7 +406,7 @@ class LladaForMaskedDiffusion(DiffusionGenerationMixin, LladaPreTrainedModel):
             copy_bundle_files(save_directory)
 
 
-BUNDLE_FILES = ("configuration_llada.py", "modeling_llada.py", "generation_llada.py")
+BUNDLE_FILES = ("configuration_llada.py", "modeling_llada.py", "generation_llada.py", "streaming_llada.py")
 
 
 def copy_bundle_files(save_directory) -> list[str]:
