@@ -590,7 +590,7 @@ class DiffusionGenerationMixin:
                 if config.output_history:
                     history.append(x.clone())
                 if streamer is not None and hasattr(streamer, "put_draft"):
-                    streamer.put_draft(x[:, prompt_length:].cpu(), mask_id)
+                    streamer.put_draft(value=x[:, prompt_length:].cpu())
                 finished = self._finished_rows(x, prompt_length, config, stopping_criteria)
                 self._fill_finished(x, finished & active, prompt_length, config)
                 active &= ~finished

@@ -37,7 +37,7 @@ class TextDiffusionStreamer(TextStreamer):
     """A `TextStreamer` that also shows the draft answer after every denoising step.
 
     `generate` calls `put` with committed tokens block by block (as `TextStreamer` expects) and
-    `put_draft(answer_ids, mask_token_id)` after every step. Masked positions are drawn as `mask_symbol`.
+    `put_draft(value=answer_ids)` after every step. Masked positions are drawn as `mask_symbol`.
     Override `on_draft_text` to send drafts elsewhere (a UI, a log).
 
     Example:
@@ -48,15 +48,17 @@ class TextDiffusionStreamer(TextStreamer):
         ```
     """
 
-    def __init__(self, tokenizer, skip_prompt: bool = False, mask_symbol: str = "░", **decode_kwargs):
+    def __init__(self, tokenizer, skip_prompt: bool = False, mask_symbol: str = "░", mask_token_id: int | None = None,
+                 **decode_kwargs):
         super().__init__(tokenizer, skip_prompt=skip_prompt, **decode_kwargs)
         self.mask_symbol = mask_symbol
+        self.mask_token_id = mask_token_id if mask_token_id is not None else tokenizer.mask_token_id
         self.drafts: list[str] = []
 
-    def put_draft(self, answer_ids: torch.LongTensor, mask_token_id: int) -> None:
+    def put_draft(self, value: torch.LongTensor, **kwargs) -> None:
         """Receive the current answer ([answer] or [1, answer]) with masks still in place."""
-        ids = answer_ids[0] if answer_ids.dim() > 1 else answer_ids
-        text = render_draft(ids.tolist(), self.tokenizer, mask_token_id, self.mask_symbol, **self.decode_kwargs)
+        ids = value[0] if value.dim() > 1 else value
+        text = render_draft(ids.tolist(), self.tokenizer, self.mask_token_id, self.mask_symbol, **self.decode_kwargs)
         self.drafts.append(text)
         self.on_draft_text(text)
 
