@@ -1,8 +1,9 @@
 """generate() vs the naive official sampler: tokens/s, peak memory and identical tokens (issue 3).
 
 Both run on the same randomly initialised LLaDA (vocabulary 32k by default), with the same settings, in
-the same invocation. The reference is `tests/reference_llada.reference_generate`: the official algorithm
-as published (full-sequence logits, full [B, L, V] float64 tensors, a per-row topk loop).
+the same invocation. The reference is `llada_reference.reference_generate` (benchmarks/llada_reference/,
+shared with the tests): the official algorithm as published (full-sequence logits, full [B, L, V] float64
+tensors, a per-row topk loop).
 
 Each measurement runs in a fresh subprocess so that its peak memory (CPU: max RSS above the loaded
 model; GPU: torch.cuda.max_memory_allocated) is its own.
@@ -14,15 +15,10 @@ model; GPU: torch.cuda.max_memory_allocated) is its own.
 import argparse
 import json
 import multiprocessing as mp
-import os
 import resource
-import sys
 import time
 
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the reference sampler lives with the tests
 
 
 def build_model(args):
@@ -52,17 +48,18 @@ def sync(device):
 
 
 def measure(args, impl, gen_length, batch, queue):
-    from reference_llada import reference_generate
+    from llada_reference import reference_generate
 
     model = build_model(args)
     ids = prompts(args, batch)
     settings = dict(steps=gen_length, block_length=args.block_length)
-    if impl == "generate":
-        run = lambda: model.generate(ids, max_new_tokens=gen_length, **settings)  # noqa: E731
-    else:
+
+    def run():
+        if impl == "generate":
+            return model.generate(ids, max_new_tokens=gen_length, **settings)
         model_fn = lambda x, mask: model(x, attention_mask=mask).logits  # noqa: E731
-        run = lambda: reference_generate(model_fn, ids, gen_length=gen_length, mask_id=model.config.mask_token_id,  # noqa: E731
-                                         **settings)
+        return reference_generate(model_fn, ids, gen_length=gen_length, mask_id=model.config.mask_token_id, **settings)
+
     with torch.no_grad():
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()

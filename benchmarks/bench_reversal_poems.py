@@ -1,7 +1,8 @@
 """The LLaDA paper's reversal experiment on its own poem couplets, with models trained from scratch here.
 
-Data: ../shared/data/poem_data.json (469 classical Chinese couplets; fields `first`, `second`), read in
-place. The protocol is the demo's (`llada_hf.demo`), on real text instead of invented words:
+Data: the paper's 469 classical Chinese couplets, `data/poem_data.json` of the official LLaDA repository
+(ML-GSAI/LLaDA, MIT licence; fields `first`, `second`), read in place from where `--data` points; the
+repository does not ship a copy. The protocol is the demo's (`llada_hf.demo`), on real text instead of invented words:
 
 1. every couplet is seen as plain text ("A B.");
 2. forward ("What follows A?") and reverse ("What precedes B?") questions are trained for a subset;
@@ -20,7 +21,8 @@ It also measures the spread of the ELBO (`log_likelihood`) on the trained LLaDA 
 The defaults (100 of the couplets, 120 epochs) take about 12 minutes on a shared 2-core CPU;
 `--couplets 469` uses them all. One thread per process is fastest on a busy CPU:
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_reversal_poems.py --output-dir outputs/reversal-poems
+    OMP_NUM_THREADS=1 python benchmarks/bench_reversal_poems.py --data PATH/poem_data.json \
+        --output-dir outputs/reversal-poems
 """
 
 import argparse
@@ -45,8 +47,7 @@ from llada_hf.evaluation import log_likelihood
 from llada_hf.tokenization import EOT, train_tokenizer
 
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "poem_data.json")
-PAPER = {  # LLADA.md section 7: forward / reversal accuracy (%) on the same couplets
+PAPER = {  # docs/LLADA.md section 7: forward / reversal accuracy (%) on the same couplets
     "LLaDA 8B Instruct (paper)": (51.8, 45.6),
     "GPT-4o (paper)": (82.7, 34.3),
     "Qwen2.5-7B Instruct (paper)": (75.9, 38.0),
@@ -116,7 +117,7 @@ def markdown_report(results: dict, spread: dict, args, seconds: float, sizes: di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=DATA)
+    parser.add_argument("--data", required=True, help="poem_data.json of the official LLaDA repository")
     parser.add_argument("--output-dir", default="outputs/reversal-poems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--couplets", type=int, default=100, help="how many of the 469 couplets to use")

@@ -1,10 +1,18 @@
-"""Small builders shared by the tests: tiny configs, official-layout checkpoints, tiny models."""
+"""Small builders shared by the tests: tiny configs, official-layout checkpoints, tiny models.
+
+Two kinds of tiny model: `tiny_model` works on bare ids (vocabulary `EMBEDDING_ROWS`, mask `MASK_ID`, weights
+spread so that predictions depend on position and context); `tokenizer_model` is sized for a trained tokenizer
+(its vocabulary and special ids), for tests that work on text. conftest.py wraps both as fixtures.
+"""
 
 import json
 import os
 
 import torch
 from safetensors.torch import save_file
+
+from llada_hf import LladaConfig, LladaForMaskedDiffusion
+from llada_hf.tokenization import model_token_ids
 
 
 VOCAB = 96  # tokens the tiny "tokenizer" knows
@@ -87,8 +95,6 @@ def write_official_checkpoint(path, kind: str = "llada", sharded: bool = False, 
 
 def tiny_config(**overrides):
     """A tiny LladaConfig with standard names."""
-    from llada_hf import LladaConfig
-
     kwargs = dict(
         vocab_size=EMBEDDING_ROWS, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, mask_token_id=MASK_ID,
@@ -100,8 +106,6 @@ def tiny_config(**overrides):
 
 def tiny_model(seed: int = 0, **overrides):
     """A tiny LladaForMaskedDiffusion with well-spread random weights (eval mode)."""
-    from llada_hf import LladaForMaskedDiffusion
-
     torch.manual_seed(seed)
     model = LladaForMaskedDiffusion(tiny_config(**overrides))
     with torch.no_grad():
@@ -114,6 +118,17 @@ def tiny_model(seed: int = 0, **overrides):
         if not model.config.tie_word_embeddings:
             model.lm_head.weight.normal_(0, 0.3)
     return model.eval()
+
+
+def tokenizer_model(tokenizer, seed: int = 0, **overrides):
+    """A small LladaForMaskedDiffusion with the vocabulary and special ids of `tokenizer`, freshly initialised
+    (eval mode). `overrides` replace any `LladaConfig` field."""
+    kwargs = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, **model_token_ids(tokenizer)
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return LladaForMaskedDiffusion(LladaConfig(**kwargs)).eval()
 
 
 def left_padded_batch(rows, pad_id=PAD_ID):

@@ -6,11 +6,11 @@ The task: reverse a string of letters, `"reverse a b c d ="` -> `" d c b a"`, ch
 import functools
 import random
 
-import torch
 from datasets import Dataset
 
-from llada_hf import LladaConfig, LladaForMaskedDiffusion
-from llada_hf.tokenization import model_token_ids, train_tokenizer
+from helpers import tokenizer_model
+from llada_hf import LladaForMaskedDiffusion
+from llada_hf.tokenization import train_tokenizer
 from llada_hf.trainers import DiffusionSFTConfig
 
 
@@ -41,14 +41,9 @@ def build_tokenizer():
 
 
 def build_model(tokenizer=None, seed: int = 0, **overrides) -> LladaForMaskedDiffusion:
-    tokenizer = tokenizer or build_tokenizer()
-    kwargs = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, **model_token_ids(tokenizer),
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    return LladaForMaskedDiffusion(LladaConfig(**kwargs))
+    """`tokenizer_model` for `build_tokenizer()` (by default), a little wider, in training mode as a fresh model."""
+    sizes = dict(hidden_size=64, intermediate_size=128, max_position_embeddings=128)
+    return tokenizer_model(tokenizer or build_tokenizer(), seed, **{**sizes, **overrides}).train()
 
 
 def build_args(output_dir, **overrides) -> DiffusionSFTConfig:

@@ -6,11 +6,9 @@ import pytest
 import torch
 
 from helpers import MASK_ID, tiny_model
-from llada_hf import LladaConfig, LladaForMaskedDiffusion
 from llada_hf.evaluation import greedy_match, log_likelihood
 from llada_hf.evaluation.likelihood import official_mask_counts
-from llada_hf.tokenization import model_token_ids, train_tokenizer
-from reference_likelihood import (
+from llada_reference import (
     exact_expected_estimate,
     guided_logits_fn,
     masked_loss_by_count,
@@ -109,7 +107,9 @@ def test_estimates_are_unbiased_their_stderr_calibrated_and_balanced_masks_cut_t
 
 def test_pairs_share_forward_passes_and_every_row_is_run(model):
     rows = []
-    handle = model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
         log_likelihood(model, PROMPTS, ANSWERS, mc_num=4, batch_size=16)  # three pairs, one pass
         assert rows == [12]
@@ -124,7 +124,9 @@ def test_pairs_share_forward_passes_and_every_row_is_run(model):
 
 
 def test_same_generator_seed_gives_the_same_estimates(model):
-    run = lambda: log_likelihood(model, PROMPTS, ANSWERS, mc_num=32, batch_size=8, generator=torch.Generator().manual_seed(4))
+    def run():
+        return log_likelihood(model, PROMPTS, ANSWERS, mc_num=32, batch_size=8, generator=torch.Generator().manual_seed(4))
+
     assert run() == run()
 
 
@@ -140,19 +142,20 @@ def test_greedy_match_follows_the_official_decoding(model, cfg_scale):
     assert greedy_match(model, prompts, changed, cfg_scale=cfg_scale) == [False] * 4
 
 
-def test_strings_are_encoded_with_the_tokenizer():
-    tokenizer = train_tokenizer(["the cat sat on the mat", "a dog ran in the park"] * 4, vocab_size=300)
-    config = LladaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, **model_token_ids(tokenizer))
-    model = LladaForMaskedDiffusion(config).eval()
+def test_strings_are_encoded_with_the_tokenizer(text_tokenizer, text_model):
+    tokenizer, model = text_tokenizer, text_model
     ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids
     prompts, answers = ["the cat sat", "a dog"], [" on the mat", " ran"]
-    by_text = log_likelihood(model, prompts, answers, mc_num=8, batch_size=4, tokenizer=tokenizer, generator=torch.Generator().manual_seed(5))
+    by_text = log_likelihood(
+        model, prompts, answers, mc_num=8, batch_size=4, tokenizer=tokenizer, generator=torch.Generator().manual_seed(5)
+    )
     by_ids = log_likelihood(
         model, [torch.tensor(ids(p)) for p in prompts], [ids(a) for a in answers], mc_num=8, batch_size=4,
         generator=torch.Generator().manual_seed(5),
     )
     assert by_text == by_ids
-    assert greedy_match(model, prompts, answers, tokenizer=tokenizer) == greedy_match(model, [ids(p) for p in prompts], [ids(a) for a in answers])
+    greedy_by_ids = greedy_match(model, [ids(p) for p in prompts], [ids(a) for a in answers])
+    assert greedy_match(model, prompts, answers, tokenizer=tokenizer) == greedy_by_ids
 
 
 @pytest.mark.parametrize(

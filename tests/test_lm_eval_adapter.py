@@ -10,10 +10,11 @@ import textwrap
 import pytest
 import torch
 
-from llada_hf import LladaConfig, LladaForMaskedDiffusion
+from helpers import tokenizer_model
+from llada_hf import LladaForMaskedDiffusion
 from llada_hf.evaluation import greedy_match, log_likelihood
 from llada_hf.evaluation.lm_eval_adapter import LladaEvalHarness, run_lm_eval
-from llada_hf.tokenization import model_token_ids, train_tokenizer
+from llada_hf.tokenization import train_tokenizer
 
 
 MC_DOCS = [
@@ -65,11 +66,8 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     texts = [f"Question: {d['question']}\nAnswer: {c}" for d in MC_DOCS for c in d["choices"]]
     texts += [f"Q: {d['question']}\nA: {d['answer']}." for d in GEN_DOCS]
-    tokenizer = train_tokenizer(texts * 20, vocab_size=320)
-    config = LladaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=128, **model_token_ids(tokenizer))
-    torch.manual_seed(0)
-    model = LladaForMaskedDiffusion(config)
+    tokenizer = train_tokenizer(texts * 20, vocab_size=320)  # every choice is one token: its ELBO is exact
+    model = tokenizer_model(tokenizer, max_position_embeddings=128)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     os.makedirs(root / "tasks")

@@ -14,7 +14,7 @@ import llada_hf
 from helpers import EMBEDDING_ROWS, MASK_ID, official_config, tiny_config, tiny_model, write_official_checkpoint
 from llada_hf import LladaConfig, LladaForMaskedDiffusion
 from llada_hf.modeling_llada import BUNDLE_FILES
-from reference_llada import reference_logits
+from llada_reference import reference_logits
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 
@@ -122,7 +122,9 @@ def test_saved_checkpoint_runs_as_remote_code_without_llada_hf(tmp_path):
         with torch.no_grad():
             logits = model(inputs["ids"], attention_mask=inputs["mask"]).logits
         torch.save(logits, {str(tmp_path / "logits.pt")!r})
-        tokens = model.generate(inputs["ids"], attention_mask=inputs["mask"], max_new_tokens=8, steps=8, block_length=4)
+        tokens = model.generate(
+            inputs["ids"], attention_mask=inputs["mask"], max_new_tokens=8, steps=8, block_length=4
+        )
         torch.save(tokens, {str(tmp_path / "tokens.pt")!r})
         print(type(model).__module__)
         """
@@ -202,48 +204,45 @@ def test_missing_or_unexpected_weights_are_errors(tmp_path):
         AutoModel.from_pretrained(tmp_path)
 
 
-def test_bad_inputs_get_clear_errors():
-    model = tiny_model()
+def test_bad_inputs_get_clear_errors(tiny_llada):
     with pytest.raises(ValueError, match=r"\[0, 104\)"):
-        model(torch.tensor([[5, 104]]))
+        tiny_llada(torch.tensor([[5, 104]]))
     with pytest.raises(ValueError, match=r"\[0, 104\)"):
-        model(torch.tensor([[-1, 5]]))
+        tiny_llada(torch.tensor([[-1, 5]]))
     with pytest.raises(ValueError, match="attention_mask"):
-        model(torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 4))
+        tiny_llada(torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 4))
     with pytest.raises(ValueError, match="attention_mask"):
-        model(torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(3))
+        tiny_llada(torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(3))
     with pytest.raises(ValueError, match="empty"):
-        model(torch.zeros(1, 0, dtype=torch.long))
+        tiny_llada(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="2-D"):
-        model(torch.tensor([5, 6, 7]))
+        tiny_llada(torch.tensor([5, 6, 7]))
     with pytest.raises(TypeError, match="integer"):
-        model(torch.tensor([[5.0, 6.0]]))
+        tiny_llada(torch.tensor([[5.0, 6.0]]))
     with pytest.raises(ValueError, match="exactly one"):
-        model(torch.tensor([[5]]), inputs_embeds=torch.zeros(1, 1, 64))
+        tiny_llada(torch.tensor([[5]]), inputs_embeds=torch.zeros(1, 1, 64))
     with pytest.raises(ValueError, match="labels"):
-        model(torch.tensor([[5, 6]]), labels=torch.tensor([[5]]))
+        tiny_llada(torch.tensor([[5, 6]]), labels=torch.tensor([[5]]))
 
 
-def test_inputs_embeds_position_ids_hidden_states_and_logits_to_keep():
-    model = tiny_model()
+def test_inputs_embeds_position_ids_hidden_states_and_logits_to_keep(tiny_llada):
     ids, mask = _batch()
     with torch.no_grad():
-        base = model(ids, attention_mask=mask, output_hidden_states=True)
-        embeds = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask).logits
-        positions = model(ids, attention_mask=mask, position_ids=torch.arange(11)[None].expand(3, -1)).logits
-        kept = model(ids, attention_mask=mask, logits_to_keep=torch.tensor([7, 8, 9, 10])).logits
-    assert len(base.hidden_states) == model.config.num_hidden_layers + 1
+        base = tiny_llada(ids, attention_mask=mask, output_hidden_states=True)
+        embeds = tiny_llada(inputs_embeds=tiny_llada.get_input_embeddings()(ids), attention_mask=mask).logits
+        positions = tiny_llada(ids, attention_mask=mask, position_ids=torch.arange(11)[None].expand(3, -1)).logits
+        kept = tiny_llada(ids, attention_mask=mask, logits_to_keep=torch.tensor([7, 8, 9, 10])).logits
+    assert len(base.hidden_states) == tiny_llada.config.num_hidden_layers + 1
     torch.testing.assert_close(embeds, base.logits)
     torch.testing.assert_close(positions, base.logits)
     torch.testing.assert_close(kept, base.logits[:, 7:], atol=1e-6, rtol=1e-6)
 
 
-def test_labels_give_the_plain_masked_token_cross_entropy():
-    model = tiny_model()
+def test_labels_give_the_plain_masked_token_cross_entropy(tiny_llada):
     ids, _ = _batch()
     labels = torch.full_like(ids, -100)
     labels[:, -4:] = torch.randint(4, 90, (3, 4))
-    out = model(ids, labels=labels)
+    out = tiny_llada(ids, labels=labels)
     logits = out.logits[:, -4:].reshape(-1, out.logits.shape[-1])
     expected = torch.nn.functional.cross_entropy(logits, labels[:, -4:].reshape(-1))
     torch.testing.assert_close(out.loss, expected)
@@ -262,8 +261,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_bf16_on_cpu_and_dtype_auto_respects_the_checkpoint(tmp_path):
-    model = tiny_model().to(torch.bfloat16)
+def test_bf16_on_cpu_and_dtype_auto_respects_the_checkpoint(tmp_path, tiny_llada):
+    model = tiny_llada.to(torch.bfloat16)
     ids, mask = _batch()
     with torch.no_grad():
         bf16 = model(ids, attention_mask=mask).logits

@@ -1,4 +1,4 @@
-"""Independent, deliberately plain references for the likelihood estimator (LLADA.md section 4).
+"""Independent, deliberately plain references for the likelihood estimator (docs/LLADA.md section 4).
 
 - `reference_log_likelihood` / `reference_greedy_decode`: the official evaluation's algorithm, one pair at
   a time, no padding, no attention mask, rows masked with `torch.randperm`.
