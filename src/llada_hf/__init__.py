@@ -20,6 +20,7 @@ from .generation_llada import (
     register_remasking_strategy,
 )
 from .modeling_llada import LladaForMaskedDiffusion, LladaModel, LladaPreTrainedModel, MaskedDiffusionOutput
+from .streaming_llada import end_token_ids, truncate_at_eos
 
 
 __version__ = "0.1.0"
@@ -60,6 +61,8 @@ __all__ = [
     "RemaskingStrategy",
     "TextDiffusionStreamer",
     "register_remasking_strategy",
+    "end_token_ids",
+    "truncate_at_eos",
     "DiffusionSFTConfig",
     "DiffusionSFTTrainer",
     "DataCollatorForMaskedDiffusion",

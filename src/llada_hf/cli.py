@@ -4,6 +4,8 @@ Every subcommand has `--help`. Errors are one line on stderr with what to change
 """
 
 import argparse
+import json
+import math
 import os
 import sys
 
@@ -32,14 +34,37 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--logits-eos-inf", action="store_true", default=None)
     group.add_argument("--logits-mask-inf", action="store_true", default=None)
     group.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--dtype", default="auto", help=", ".join(DTYPES))
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
 
 
-def _cuda() -> bool:
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Float flags whose value must be a finite number (NaN or inf would decode garbage without an error).
+FLOAT_FLAGS = ("temperature", "top_p", "cfg_scale", "confidence_threshold", "parallel_factor")
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """Refuse, in one line, what `generate` would fail on deep inside: non-finite numbers, an unknown dtype, a
+    device this machine does not have. Fills in the default device."""
     import torch
 
-    return torch.cuda.is_available()
+    for name in FLOAT_FLAGS:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise CliError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
+    if args.dtype not in DTYPES:
+        raise CliError(f"--dtype {args.dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)  # a malformed name is a RuntimeError: one line
+    if device.type != "cpu" and not _has_accelerator(device.type):
+        raise CliError(f"--device {args.device}: this machine has no {device.type} device; use --device cpu.")
+
+
+def _has_accelerator(device_type: str) -> bool:
+    import torch
+
+    return torch.accelerator.is_available() and torch.accelerator.current_accelerator().type == device_type
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
@@ -49,14 +74,22 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def check_model_path(path: str) -> None:
+    """A missing local folder is named as such (not taken for a Hub id); offline, only folders are possible."""
+    from .modeling_llada import check_local_folder
+
+    check_local_folder(path)
+    if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise CliError(f"{path!r} is not a local folder and HF_HUB_OFFLINE=1; pass the path of a saved model.")
+
+
 def load_model_and_tokenizer(path: str, dtype: str, device: str):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     import llada_hf  # noqa: F401  (registers the Auto classes)
 
-    if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise CliError(f"{path!r} is not a local folder and HF_HUB_OFFLINE=1; pass the path of a saved model.")
+    check_model_path(path)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
@@ -64,28 +97,76 @@ def load_model_and_tokenizer(path: str, dtype: str, device: str):
     return model, tokenizer
 
 
+class StepProgress:
+    """A streamer that only advances a tqdm bar, once per denoising step (`generate` calls `put_draft` after each).
+
+    Shown on stderr when it is a terminal; silent when piped or with `--quiet`.
+    """
+
+    def __init__(self, total_steps: int, quiet: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, unit="step", leave=False, disable=quiet or not sys.stderr.isatty())
+
+    def put(self, value) -> None:
+        pass  # the prompt and committed blocks: nothing to count
+
+    def put_draft(self, value, **kwargs) -> None:
+        self.bar.update(1)
+
+    def end(self) -> None:
+        self.bar.close()
+
+
+def planned_steps(model, kwargs: dict) -> int:
+    """The steps `generate` will run at most (it can stop early: parallel decoding, early exit)."""
+    config = model.generation_config
+    return kwargs.get("steps") or config.steps or kwargs.get("max_new_tokens") or config.max_new_tokens
+
+
+def answer_streamer(model, tokenizer, prefix: str = ""):
+    """Live drafts on a terminal, the committed answer up to its end token (EOS / EoT) everywhere."""
+    from .streaming_llada import TextDiffusionStreamer, end_token_ids
+
+    return TextDiffusionStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, prefix=prefix,
+                                 mask_token_id=model.config.mask_token_id,
+                                 eos_token_ids=end_token_ids(tokenizer, model.generation_config))
+
+
+def decode_answers(model, tokenizer, answers) -> list[str]:
+    """The answers ([batch, length]) as text, each cut at its first end token (EOS / EoT)."""
+    from .streaming_llada import end_token_ids, truncate_at_eos
+
+    ends = end_token_ids(tokenizer, model.generation_config)
+    return [text.strip() for text in tokenizer.batch_decode(truncate_at_eos(answers, ends), skip_special_tokens=True)]
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from .generation_llada import TextDiffusionStreamer
     from .visualization import decoding_order_png
 
+    check_generation_args(args)
+    if (args.stream or args.visualize) and len(args.prompt) != 1 and not args.join:
+        raise CliError("--stream and --visualize show one answer: pass a single prompt (or --join the words).")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device)
     texts = [" ".join(args.prompt)] if args.join else list(args.prompt)
     if args.chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                                tokenize=False) for t in texts]
-    if (args.stream or args.visualize) and len(texts) != 1:
-        raise CliError("--stream and --visualize show one answer: pass a single prompt.")
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
-    streamer = TextDiffusionStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
+    kwargs = generation_kwargs(args)
+    if args.stream:
+        streamer = answer_streamer(model, tokenizer)
+    else:
+        streamer = StepProgress(planned_steps(model, kwargs), quiet=args.quiet)
     out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, streamer=streamer,
                          generator=torch.Generator(device=args.device).manual_seed(args.seed),
-                         return_dict_in_generate=True, **generation_kwargs(args))
+                         return_dict_in_generate=True, **kwargs)
     answers = out.sequences[:, batch.input_ids.shape[1]:]
     if not args.stream:
-        for text in tokenizer.batch_decode(answers, skip_special_tokens=True):
-            print(text.strip())
+        for text in decode_answers(model, tokenizer, answers):
+            print(text)
     if args.visualize:
         tokens = [tokenizer.decode([t]) for t in answers[0].tolist()]
         decoding_order_png(args.visualize, out.commit_step[0].cpu(), tokens, title=" ".join(args.prompt)[:80])
@@ -95,8 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     import torch
 
-    from .generation_llada import TextDiffusionStreamer
-
+    check_generation_args(args)
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device)
     messages = []
     if args.system:
@@ -112,11 +192,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "user", "content": user})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(args.device)
-        print("model> ", end="", flush=True)
-        streamer = TextDiffusionStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        out = model.generate(ids, streamer=streamer, generator=torch.Generator(device=args.device).manual_seed(args.seed),
+        # The streamer prints "model> " itself: it redraws that line with every draft.
+        out = model.generate(ids, streamer=answer_streamer(model, tokenizer, prefix="model> "),
+                             generator=torch.Generator(device=args.device).manual_seed(args.seed),
                              **generation_kwargs(args))
-        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        answer = decode_answers(model, tokenizer, out[:, ids.shape[1]:])[0]
         messages.append({"role": "assistant", "content": answer})
 
 
@@ -144,6 +224,8 @@ def cmd_train(argv: list[str]) -> None:
 
     parser = TrlParser((TrainScriptArguments, DiffusionSFTConfig), prog="llada-hf train")
     script_args, training_args = parser.parse_args_and_config(argv)
+    # Paths first (the dataset's is checked before it is read): a typo must not cost a model load
+    check_model_path(script_args.model_name_or_path)
     dataset = load_local_dataset(script_args.dataset_path, script_args.dataset_split)
     tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
     model = AutoModel.from_pretrained(script_args.model_name_or_path)
@@ -158,20 +240,54 @@ def cmd_train(argv: list[str]) -> None:
     trainer.save_model()
 
 
+DATASET_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def check_dataset_path(path: str) -> None:
+    """A `save_to_disk` folder, or an existing .json/.jsonl/.parquet file whose JSON parses."""
+    if os.path.isdir(path):
+        return
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in DATASET_BUILDERS:
+        raise CliError(f"--dataset_path {path!r}: use a .json, .jsonl or .parquet file or a datasets folder.")
+    if not os.path.isfile(path):
+        raise CliError(f"--dataset_path {path!r} does not exist.")
+    if DATASET_BUILDERS[extension] == "json":
+        check_json_records(path)
+
+
+def check_json_records(path: str) -> None:
+    """A JSON document, or JSON lines with one object per line; else name the first bad line."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    try:
+        json.loads(text)  # a whole JSON document (datasets reads a list of records or a dict of columns)
+        return
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CliError(f"--dataset_path {path}: line {number} is not valid JSON ({error.msg}, column "
+                           f"{error.colno}).") from None
+        if not isinstance(record, dict):
+            raise CliError(f"--dataset_path {path}: line {number} is a JSON {type(record).__name__}, not an object "
+                           '({"prompt": ..., "completion": ...}).')
+
+
 def load_local_dataset(path: str, split: str = "train"):
     """A datasets.Dataset from a .json/.jsonl/.parquet file or a `save_to_disk` folder (no download)."""
     from datasets import load_dataset, load_from_disk
 
+    check_dataset_path(path)
     if os.path.isdir(path):
         data = load_from_disk(path)
         return data[split] if hasattr(data, "keys") and split in data else data
-    extension = os.path.splitext(path)[1].lower()
-    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    if extension not in builders:
-        raise CliError(f"--dataset_path {path!r}: use a .json, .jsonl or .parquet file or a datasets folder.")
-    if not os.path.isfile(path):
-        raise CliError(f"--dataset_path {path!r} does not exist.")
-    return load_dataset(builders[extension], data_files={split: path}, split=split)
+    builder = DATASET_BUILDERS[os.path.splitext(path)[1].lower()]
+    return load_dataset(builder, data_files={split: path}, split=split)
 
 
 # ---- eval ----------------------------------------------------------------------------------------
@@ -235,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
     generate.add_argument("--stream", action="store_true", help="show the drafts while denoising")
     generate.add_argument("--visualize", metavar="PNG", help="write the decoding-order picture here")
+    generate.add_argument("--quiet", action="store_true", help="no progress bar (there is none when piped)")
     add_generation_options(generate)
     generate.set_defaults(func=cmd_generate)
 

@@ -203,6 +203,30 @@ class LladaDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+def check_local_folder(name_or_path) -> None:
+    """Raise `FileNotFoundError` for a local path (absolute, `./`, `../`, `~`, or nested) that does not exist.
+
+    Without this, transformers takes a missing folder for a Hub repo id and fails on the id's format.
+
+    Example:
+        ```python
+        >>> from llada_hf.modeling_llada import check_local_folder
+        >>> check_local_folder("GSAI-ML/LLaDA-8B-Instruct")  # a Hub id: left to from_pretrained
+        >>> check_local_folder("/no/such/folder")
+        Traceback (most recent call last):
+        FileNotFoundError: No such folder: '/no/such/folder' (pass a saved model's folder or a Hub id 'owner/name').
+        ```
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return
+    name = os.fspath(name_or_path)
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local and not os.path.exists(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"No such folder: {name!r} (pass a saved model's folder or a Hub id 'owner/name')."
+        )
+
+
 class LladaPreTrainedModel(PreTrainedModel):
     config: LladaConfig
     config_class = LladaConfig
@@ -224,6 +248,7 @@ class LladaPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, but a checkpoint with missing, unexpected or wrongly shaped
         weights is an error: a half-initialised diffusion model produces fluent-looking nonsense."""
+        check_local_folder(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         problems = {

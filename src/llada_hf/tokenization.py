@@ -84,3 +84,27 @@ def model_token_ids(tokenizer) -> dict[str, int]:
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
     }
+
+
+def set_mask_token(tokenizer, mask_token_id: int | None) -> None:
+    """Name `tokenizer`'s mask token (in place) when it has none and the model's `mask_token_id` is known.
+
+    Official LLaDA tokenizers list `<|mdm_mask|>` only as an additional special token, so their `mask_token_id` is
+    None and tools that read it pick a wrong id. llada-hf calls this wherever it saves or publishes a tokenizer.
+    By hand, the same fix is one line: `tokenizer.mask_token = "<|mdm_mask|>"`.
+
+    Example:
+        ```python
+        >>> from llada_hf.tokenization import set_mask_token, train_tokenizer
+        >>> tok = train_tokenizer(["hello world"], vocab_size=280)
+        >>> tok.mask_token = None  # as an official LLaDA tokenizer
+        >>> set_mask_token(tok, 2)
+        >>> tok.mask_token, tok.mask_token_id
+        ('<|mdm_mask|>', 2)
+        ```
+    """
+    if tokenizer.mask_token is not None or mask_token_id is None:
+        return
+    token = tokenizer.convert_ids_to_tokens(mask_token_id)
+    if token is not None:  # an id beyond the tokenizer (padded embedding rows) has no token to name
+        tokenizer.mask_token = token

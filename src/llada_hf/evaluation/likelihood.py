@@ -191,12 +191,18 @@ def greedy_match(
 
 
 def _prepare_pairs(model, prompts, answers, tokenizer) -> list[_Pair]:
+    for name, items in (("prompts", prompts), ("answers", answers)):
+        if isinstance(items, str):  # a string is a sequence too: its characters would be scored as pairs
+            raise TypeError(f"`{name}` is one string; pass a list with one item per pair, e.g. [{items[:20]!r}].")
     if len(prompts) != len(answers):
         raise ValueError(f"Got {len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt.")
+    if len(prompts) == 0:
+        raise ValueError("`prompts` and `answers` are empty; pass at least one (prompt, answer) pair.")
     mask_id = model.config.mask_token_id
     if mask_id is None:
         raise ValueError("`model.config.mask_token_id` is not set; the estimator needs the mask token.")
     context = getattr(model.config, "max_position_embeddings", None)
+    vocab_size = model.config.vocab_size
     pairs = []
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
         pair = _Pair(i, _token_ids(prompt, tokenizer, f"prompts[{i}]"), _token_ids(answer, tokenizer, f"answers[{i}]"))
@@ -204,6 +210,13 @@ def _prepare_pairs(model, prompts, answers, tokenizer) -> list[_Pair]:
             raise ValueError(f"answers[{i}] is empty: there is nothing to score.")
         if mask_id in pair.answer:
             raise ValueError(f"answers[{i}] contains the mask token id {mask_id}; an answer must be real text.")
+        for name, ids in ((f"prompts[{i}]", pair.prompt), (f"answers[{i}]", pair.answer)):
+            outside = [token for token in ids if not 0 <= token < vocab_size]
+            if outside:
+                raise ValueError(
+                    f"{name} holds the token id {outside[0]}, outside the model's vocabulary [0, {vocab_size}); "
+                    "encode it with this model's tokenizer."
+                )
         if context is not None and pair.length > context:
             raise ValueError(
                 f"Pair {i} has {len(pair.prompt)} prompt + {len(pair.answer)} answer tokens = {pair.length}, "

@@ -29,6 +29,7 @@ from lm_eval.api.registry import register_model
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 import llada_hf  # noqa: F401  (registers LLaDA with the Auto classes)
+from llada_hf.streaming_llada import end_token_ids, truncate_at_eos
 
 from .likelihood import greedy_match, log_likelihood
 
@@ -88,6 +89,7 @@ class LladaEvalHarness(TemplateLM):
         self._device = torch.device(self._pick_device(device))
         self.model = self._load_model(pretrained, dtype, trust_remote_code).to(self._device).eval()
         self.tokenizer = self._load_tokenizer(tokenizer if tokenizer is not None else pretrained, trust_remote_code)
+        self.end_ids = end_token_ids(self.tokenizer, self.model.generation_config)  # EOS and EoT end an answer
 
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.likelihood_kwargs = dict(
@@ -149,6 +151,8 @@ class LladaEvalHarness(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """ELBO of each continuation given its context; contexts are cut from the left to fit."""
+        if not requests:  # a process's share of the documents can be empty
+            return []
         contexts, continuations = [], []
         for _, context, continuation in requests:
             room = max(self.max_length - len(continuation), 0)
@@ -222,10 +226,9 @@ class LladaEvalHarness(TemplateLM):
         return [self._answer_text(answer.tolist(), until) for answer in sequences[:, input_ids.shape[1] :]]
 
     def _answer_text(self, answer_ids: list[int], until: list[str]) -> str:
-        """Decode up to the first end token, cut at the first stop string, then drop special tokens
+        """Decode up to the first end token (EOS or EoT), cut at the first stop string, then drop special tokens
         (in that order, so a special token can itself be a stop string)."""
-        if self.eot_token_id in answer_ids:
-            answer_ids = answer_ids[: answer_ids.index(self.eot_token_id)]
+        answer_ids = truncate_at_eos([answer_ids], self.end_ids)[0]
         text = self.tokenizer.decode(answer_ids, skip_special_tokens=False)
         for stop in until:
             text = text.split(stop)[0]

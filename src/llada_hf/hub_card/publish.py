@@ -18,7 +18,8 @@ from huggingface_hub.errors import RepositoryNotFoundError
 
 from ..configuration_llada import LladaConfig
 from ..modeling_llada import BUNDLE_FILES, copy_bundle_files
-from .card import check_repo_id, facts_from_folder, facts_from_model, render_model_card
+from ..tokenization import set_mask_token
+from .card import CheckpointFacts, check_repo_id, facts_from_folder, facts_from_model, render_model_card
 
 
 # A saved tokenizer always writes one of these; without them the published checkpoint cannot be used.
@@ -110,6 +111,8 @@ def publish(
     check_repo_id(repo_id)
     check_tokenizer(tokenizer)
     facts = facts_from_model(model, tokenizer, merge_adapter=merge_adapter)  # refuses what cannot be published
+    check_mask_token_id(facts)
+    set_mask_token(tokenizer, facts.config.get_text_config().mask_token_id)  # saved, so tools reading it find it
     if card is None:
         card = render_model_card(
             model, repo_id=repo_id, tokenizer=tokenizer, base_model=base_model, merge_adapter=merge_adapter
@@ -179,8 +182,12 @@ def publish_folder(
     """
     check_repo_id(repo_id)
     folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No such folder: {str(folder)!r}; pass the folder written by save_pretrained.")
     facts = facts_from_folder(folder)  # also refuses a folder that is neither a LLaDA model nor an adapter
     check_folder_complete(folder, is_adapter=facts.is_adapter)
+    check_mask_token_id(facts)
+    name_folder_mask_token(folder, facts)
     if card is None:
         card = render_model_card(folder, repo_id=repo_id, base_model=base_model)
     api = None if dry_run else HfApi(token=token)
@@ -257,6 +264,21 @@ def check_tokenizer(tokenizer: Any) -> None:
         )
 
 
+def check_mask_token_id(facts: CheckpointFacts) -> None:
+    """A model must know its mask token id: without it the published checkpoint could not generate. (An adapter
+    folder carries no config: its base model's is checked when that is published.)"""
+    if facts.config is None:
+        return
+    text_config = facts.config.get_text_config()
+    mask_token_id, vocab_size = text_config.mask_token_id, text_config.vocab_size
+    if mask_token_id is None or not 0 <= mask_token_id < vocab_size:
+        raise ValueError(
+            f"The model's `mask_token_id` is {mask_token_id} (vocabulary: {vocab_size} ids), so the published model "
+            "could not generate. Set `model.config.mask_token_id` to the id of the tokenizer's mask token "
+            "('<|mdm_mask|>') before publishing."
+        )
+
+
 def check_folder_complete(folder: Path, *, is_adapter: bool) -> None:
     """A model folder needs its bundle code; any folder needs the tokenizer."""
     missing = [] if is_adapter else [name for name in BUNDLE_FILES if not (folder / name).is_file()]
@@ -308,6 +330,18 @@ def save_checkpoint(model: Any, tokenizer: Any, card: ModelCard, folder: Path, *
     to_save.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     card.save(folder / "README.md")  # after save_pretrained: replaces the template card PEFT writes
+
+
+def name_folder_mask_token(folder: Path, facts: CheckpointFacts) -> None:
+    """Rewrite the folder's tokenizer with its mask token named, if it lacks one (see `set_mask_token`)."""
+    if facts.config is None:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.mask_token is None:
+        set_mask_token(tokenizer, facts.config.get_text_config().mask_token_id)
+        tokenizer.save_pretrained(folder)
 
 
 def default_commit_message(is_adapter: bool) -> str:

@@ -2,10 +2,16 @@
 
 from dataclasses import dataclass, field
 
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig
 
 
 LOSS_NORMALIZATIONS = ("answer_length", "token", "sequence")
+
+
+def bf16_supported(use_cpu: bool) -> bool:
+    """Whether `TrainingArguments` accepts `bf16=True` on this machine (a bf16-capable GPU, or XLA)."""
+    return not use_cpu and (is_torch_bf16_gpu_available() or is_torch_xla_available())
 
 
 def refuse_sequence_sharding(parallelism_config) -> None:
@@ -34,8 +40,9 @@ class DiffusionSFTConfig(SFTConfig):
     language models (LLaDA).
 
     Every [`trl.SFTConfig`] and [`~transformers.TrainingArguments`] field keeps its meaning (TRL's defaults included:
-    `gradient_checkpointing=True`, `bf16=True` unless `fp16` is set, `learning_rate=2e-5`), except the next-token
-    options listed at the end, which are refused. The defaults of the fields below reproduce the LLaDA training
+    `gradient_checkpointing=True`, `learning_rate=2e-5`), except the next-token options listed at the end, which are
+    refused. `bf16` defaults to `True` only where the hardware supports it (and `fp16` is not set), so the defaults
+    also train on a CPU. The defaults of the fields below reproduce the LLaDA training
     recipe: per sequence t ~ U(0, 1), each answer token is masked with probability p = (1 - ε) t + ε, the loss is
     the cross-entropy at the masked positions weighted by 1/p, divided by the answer length of each row (EOS padding
     included), averaged over rows.
@@ -133,6 +140,8 @@ class DiffusionSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        if self.bf16 is None:  # TRL's default (bf16 unless fp16) is refused by TrainingArguments on a CPU
+            self.bf16 = not self.fp16 and bf16_supported(self.use_cpu)
         super().__post_init__()
         self._check_diffusion_fields()
         self._refuse_next_token_options()

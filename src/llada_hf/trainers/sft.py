@@ -44,6 +44,7 @@ from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names, is_conversational_from_value, maybe_convert_to_chatml
 from trl.trainer.utils import get_config_model_id
 
+from ..tokenization import set_mask_token
 from .collator import DataCollatorForMaskedDiffusion
 from .config import DiffusionSFTConfig, refuse_sequence_sharding
 from .objective import mask_answer_tokens, masked_diffusion_loss, masking_probability, random_length, sample_times
@@ -159,6 +160,16 @@ def resolve_mask_token_id(config: PreTrainedConfig, tokenizer: PreTrainedTokeniz
     return mask_token_id
 
 
+def check_eos_token(tokenizer: PreTrainedTokenizerBase, eos_token: str | None) -> None:
+    """Raise a `ValueError` when there is no EOS token: answers are padded with it, and TRL appends it to every
+    completion (it would fail on `endswith(None)`)."""
+    if eos_token is None and tokenizer.eos_token is None:
+        raise ValueError(
+            "The tokenizer has no EOS token (`tokenizer.eos_token` is None): answers end with it and are padded with "
+            "it. Set one (`tokenizer.eos_token = '<|endoftext|>'`) or pass `DiffusionSFTConfig(eos_token=...)`."
+        )
+
+
 LOCAL_OWNER = "your-name"  # the card's repo id when the run is not pushed (its snippet names a repo)
 
 
@@ -260,6 +271,8 @@ class DiffusionSFTTrainer(SFTTrainer):
             processing_class = AutoProcessor.from_pretrained(model_id, **hub_kwargs)
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         self.mask_token_id = resolve_mask_token_id(model_config, tokenizer)
+        check_eos_token(tokenizer, args.eos_token)
+        set_mask_token(tokenizer, self.mask_token_id)  # saved with the model, so tools reading it find the mask
 
         super().__init__(
             model=model,
