@@ -69,7 +69,8 @@ def reference_logits(state: dict, cfg: dict, input_ids: torch.Tensor, attention_
 
 
 # ----------------------------------------------------------------------------------------------------
-# The official sampler (docs/LLADA.md section 2): full sequence, full [B, L, V] float64 tensors, per-row topk.
+# The official sampler (docs/LLADA.md section 2): full sequence, full [B, L, V] tensors, per-row topk; the
+# low-confidence score is the softmax in the logits' own dtype (bf16 for a bf16 model), as the official code.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -128,14 +129,14 @@ def reference_generate(model_fn, prompt, attention_mask=None, steps=128, gen_len
                 logits[:, :, eos_id] = -torch.inf
             x0 = torch.argmax(_official_gumbel(logits, temperature), dim=-1)
             if remasking == "low_confidence":
-                p = F.softmax(logits.to(torch.float64), dim=-1)
+                p = F.softmax(logits, dim=-1)
                 x0_p = torch.gather(p, dim=-1, index=x0[..., None]).squeeze(-1)
             elif remasking == "random":
                 x0_p = torch.rand(x0.shape, dtype=torch.float64)
             else:
                 raise NotImplementedError(remasking)
             if confidence_eos_eot_inf:
-                x0_p = x0_p.masked_fill((x0 == eos_id) | (x0 == eot_id), -1e300)
+                x0_p = x0_p.masked_fill((x0 == eos_id) | (x0 == eot_id), torch.finfo(x0_p.dtype).min)
             x0_p[:, block_end:] = -torch.inf
             x0 = torch.where(mask_index, x0, x)
             confidence = torch.where(mask_index, x0_p, torch.tensor(-torch.inf, dtype=x0_p.dtype))

@@ -1,0 +1,259 @@
+"""Generation behaves like transformers and fails loudly: low-precision exactness, inherited GenerationConfig
+fields, numbers that are not numbers, lengths, leftover masks, padded batches without a mask, inputs."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from helpers import EOS_ID, EOT_ID, MASK_ID, PAD_ID, left_padded_batch, tiny_model
+from llada_hf.generation_llada import (
+    DIFFUSION_OPTIONS,
+    HONOURED_FIELDS,
+    PASSIVE_FIELDS,
+    REFUSED_FIELDS,
+    DiffusionGenerationConfig,
+)
+from llada_reference import reference_generate
+from transformers import GenerationConfig
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+def _prompts(seed=0, batch=1, length=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 90, (batch, length), generator=g)
+
+
+# ---- 1. bf16 / fp16: the official sampler's own arithmetic ----------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_generate_equals_the_official_sampler(dtype):
+    """Scores are the softmax in the logits' dtype and ties go as `torch.topk` breaks them over the row."""
+    model = tiny_model(seed=7).to(dtype)
+    model_fn = lambda ids, mask: model(ids, attention_mask=mask).logits  # noqa: E731
+    same_as_float64_scores, prompts = 0, 0
+    for seed in range(12):
+        rows = [_prompts(seed=seed, length=4 + seed % 5)[0].tolist(), _prompts(seed=seed + 50, length=3)[0].tolist()]
+        ids, mask = left_padded_batch(rows)
+        for block_length in (4, 8):
+            settings = dict(steps=16, block_length=block_length)
+            ours = model.generate(ids, attention_mask=mask, max_new_tokens=16, **settings)
+            ref = reference_generate(model_fn, ids, attention_mask=mask, gen_length=16, mask_id=MASK_ID, **settings)
+            assert torch.equal(ours, ref), (seed, block_length)
+            precise = model.generate(ids, attention_mask=mask, max_new_tokens=16, score_dtype="float64", **settings)
+            same_as_float64_scores += int(torch.equal(precise, ref))
+            prompts += 1
+    # The comparison has teeth: with float64 scores (the old behaviour) low-precision ties go elsewhere.
+    assert same_as_float64_scores < prompts
+
+
+def test_ties_are_broken_as_torch_topk_with_each_rows_own_k():
+    """topk(k) does not pick the tied positions that topk(k') picks for k' > k: each row gets its own k."""
+    from llada_hf.generation_llada import _top_k_per_row
+
+    scores = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.5, 0.25], [0.5, 0.5, 0.5, 0.5, 0.5, 0.25]], dtype=torch.bfloat16)
+    k = torch.tensor([1, 3])
+    chosen = _top_k_per_row(scores, k, torch.ones_like(scores, dtype=torch.bool), offset=2, length=8)
+    padded = torch.cat([torch.full((2, 2), float("-inf")), scores.float()], 1).to(torch.bfloat16)
+    for row in range(2):
+        expected = set((padded[row].topk(int(k[row])).indices - 2).tolist())
+        assert set(chosen[row].nonzero().squeeze(1).tolist()) == expected
+
+
+# ---- 2. every inherited GenerationConfig field is honoured or refused ----------------------------
+
+
+def test_every_inherited_field_has_a_policy():
+    inherited = set(GenerationConfig().to_dict())
+    declared = set(HONOURED_FIELDS) | set(REFUSED_FIELDS) | set(PASSIVE_FIELDS)
+    assert inherited <= declared, f"no policy for {sorted(inherited - declared)}"
+    assert not {option.name for option in DIFFUSION_OPTIONS} & inherited
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_FIELDS))
+def test_refused_fields_name_the_diffusion_setting(model, name):
+    value = {"num_beams": 4, "num_beam_groups": 2, "repetition_penalty": 1.3, "length_penalty": 0.5,
+             "diversity_penalty": 0.5, "early_stopping": True, "guidance_scale": 3.0, "no_repeat_ngram_size": 3,
+             "encoder_no_repeat_ngram_size": 2, "encoder_repetition_penalty": 1.2, "bad_words_ids": [[5]],
+             "max_time": 1.0, "stop_strings": ["x"], "output_scores": True, "output_logits": True,
+             "penalty_alpha": 0.6, "top_h": 0.5, "low_memory": True, "renormalize_logits": True,
+             "remove_invalid_values": True, "sequence_bias": {(5,): 1.0}}.get(name, 3)
+    with pytest.raises(ValueError, match=f"`{name}=.*no meaning for masked diffusion: .+"):
+        model.generate(_prompts(), max_new_tokens=4, **{name: value})
+
+
+def test_neutral_values_of_refused_fields_are_accepted(model):
+    """Values that mean "off" (old generation_config.json files carry them) change nothing."""
+    neutral = dict(num_beams=1, repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0,
+                   output_scores=False, early_stopping=False, bad_words_ids=None, use_cache=True)
+    assert torch.equal(model.generate(_prompts(), max_new_tokens=6, **neutral),
+                       model.generate(_prompts(), max_new_tokens=6))
+
+
+def test_max_length_counts_the_prompt(model):
+    prompt = _prompts(length=6)
+    assert torch.equal(model.generate(prompt, max_length=14), model.generate(prompt, max_new_tokens=8))
+    with pytest.warns(UserWarning, match="max_new_tokens"):
+        out = model.generate(prompt, max_length=14, max_new_tokens=4)
+    assert out.shape[1] == 10
+    with pytest.raises(ValueError, match="max_length"):
+        model.generate(prompt, max_length=6)
+
+
+def test_do_sample_false_is_greedy_whatever_the_temperature(model):
+    prompt = _prompts()
+    greedy = model.generate(prompt, max_new_tokens=8)
+    with pytest.warns(UserWarning, match="do_sample=False"):
+        tiny_temperature = model.generate(prompt, max_new_tokens=8, do_sample=False, temperature=1e-7)
+    assert torch.equal(tiny_temperature, greedy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), greedy)
+
+
+def test_do_sample_true_samples_at_temperature_one(model):
+    prompt = _prompts()
+    sampled = model.generate(prompt, max_new_tokens=8, do_sample=True, generator=torch.Generator().manual_seed(1))
+    at_one = model.generate(prompt, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sampled, at_one)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, max_new_tokens=8, do_sample=True, temperature=0.0)
+
+
+def test_min_new_tokens_keeps_eos_out_of_the_first_positions(model):
+    prompt = _prompts()
+    suppress_all_but_eos = list(range(4, 104))  # every candidate is an end token, unless forbidden
+    answer = model.generate(prompt, max_new_tokens=6, suppress_tokens=suppress_all_but_eos, min_new_tokens=3,
+                            eot_token_id=EOT_ID)[0, 6:]
+    assert not set(answer[:3].tolist()) & {EOS_ID, EOT_ID}
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, min_length=9, suppress_tokens=suppress_all_but_eos,
+                                      eot_token_id=EOT_ID), model.generate(prompt, max_new_tokens=6, min_new_tokens=3,
+                                      suppress_tokens=suppress_all_but_eos, eot_token_id=EOT_ID))
+
+
+def test_suppress_tokens_and_begin_suppress_tokens(model):
+    prompt = _prompts()
+    free = model.generate(prompt, max_new_tokens=8)[0, 6:]
+    banned = sorted(set(free.tolist()))[:2]
+    out = model.generate(prompt, max_new_tokens=8, suppress_tokens=banned)[0, 6:]
+    assert not set(out.tolist()) & set(banned)
+    first = int(free[0])
+    begin = model.generate(prompt, max_new_tokens=8, begin_suppress_tokens=[first])[0, 6:]
+    assert int(begin[0]) != first
+
+
+def test_sampling_filters_min_p_and_typical_run(model):
+    prompt = _prompts()
+    for kwargs in (dict(min_p=0.2), dict(typical_p=0.5), dict(epsilon_cutoff=1e-3), dict(eta_cutoff=1e-3)):
+        out = model.generate(prompt, max_new_tokens=6, temperature=1.0, **kwargs)
+        assert out.shape == (1, 12) and not (out == MASK_ID).any()
+
+
+def test_num_return_sequences_repeats_rows(model):
+    ids, mask = left_padded_batch([[5, 6, 7], [8, 9]])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_return_sequences=3)
+    assert out.shape == (6, 7)
+    assert torch.equal(out[0], out[2]) and torch.equal(out[3], out[5])  # greedy: copies agree
+
+
+def test_use_cache_false_turns_the_diffusion_cache_off(model):
+    prompt = _prompts()
+    base = model.generate(prompt, max_new_tokens=8, block_length=4)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, block_length=4, kv_cache="dual", use_cache=False),
+                       base)
+
+
+# ---- 6. numbers that are not numbers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["temperature", "cfg_scale", "top_p", "confidence_threshold", "parallel_factor",
+                                  "min_p", "typical_p"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_nan_and_inf_are_refused(model, name, value):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        model.generate(_prompts(), max_new_tokens=4, **{name: value})
+
+
+# ---- 7. lengths -----------------------------------------------------------------------------------
+
+
+def test_too_long_is_refused_before_anything_is_allocated(model):
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="max_position_embeddings.*allow_beyond_context"):
+        model.generate(_prompts(), max_new_tokens=10**7)
+    assert time.perf_counter() - start < 0.5
+    context = model.config.max_position_embeddings
+    with pytest.warns(UserWarning, match="allow_beyond_context"):
+        out = model.generate(_prompts(), max_new_tokens=context, steps=4, block_length=context,
+                             allow_beyond_context=True)
+    assert out.shape[1] == 6 + context
+
+
+# ---- 8. no mask survives --------------------------------------------------------------------------
+
+
+def test_masks_in_the_prompt_are_decoded_with_the_first_block(model):
+    """The official sampler schedules only the block's masks, so masks in the prompt can be left over; the
+    first block's schedule counts them too. Without prompt masks nothing changes (the exactness tests)."""
+    prompt = torch.tensor([[MASK_ID, MASK_ID, 5, 6]])
+    official = reference_generate(lambda ids, mask: model(ids).logits, prompt, gen_length=4, block_length=4,
+                                  steps=4, mask_id=MASK_ID)
+    ours = model.generate(prompt, max_new_tokens=4, steps=4, return_dict_in_generate=True, logits_mask_inf=True)
+    assert (official == MASK_ID).any()  # the official quirk this fixes
+    assert not (ours.sequences == MASK_ID).any() and ours.nfe == 4
+    batch = _prompts(seed=5, batch=2, length=8)
+    batch[0, 2], batch[1, 5:7] = MASK_ID, MASK_ID
+    out = model.generate(batch, max_new_tokens=8, block_length=4, steps=8, logits_mask_inf=True)
+    assert not (out == MASK_ID).any()
+    filled = model.infill(torch.tensor([[MASK_ID, 7, MASK_ID, MASK_ID, 9]]), steps=2, logits_mask_inf=True)
+    assert not (filled == MASK_ID).any()
+
+
+# ---- 9. a left-padded batch without attention_mask ----------------------------------------------
+
+
+def test_leading_pad_tokens_without_attention_mask_warn(model):
+    ids, mask = left_padded_batch([[5, 6, 7], [8]])
+    assert int(ids[1, 0]) == PAD_ID
+    with pytest.warns(UserWarning, match="attention_mask"):
+        model.generate(ids, max_new_tokens=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(ids, attention_mask=mask, max_new_tokens=4)
+
+
+# ---- 10. inputs in other forms -------------------------------------------------------------------
+
+
+def test_a_dict_generation_config_and_python_lists_are_accepted(model):
+    prompt = _prompts(length=3)
+    expected = model.generate(prompt, max_new_tokens=4, steps=4)
+    assert torch.equal(model.generate(prompt, generation_config={"max_new_tokens": 4, "steps": 4,
+                                                                 "mask_token_id": MASK_ID}), expected)
+    assert torch.equal(model.generate(prompt[0].tolist(), max_new_tokens=4, steps=4), expected)
+    ragged = model.generate([[5, 6, 7], [8]], max_new_tokens=4)
+    ids, mask = left_padded_batch([[5, 6, 7], [8]])
+    assert torch.equal(ragged, model.generate(ids, attention_mask=mask, max_new_tokens=4))
+    with pytest.raises(TypeError, match="token ids"):
+        model.generate([["a", "b"]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="empty"):
+        model.generate([[5], []], max_new_tokens=4)
+    with pytest.raises(TypeError, match="generation_config"):
+        model.generate(prompt, generation_config=42)
+
+
+def test_options_table_builds_the_config():
+    config = DiffusionGenerationConfig()
+    for option in DIFFUSION_OPTIONS:
+        assert getattr(config, option.name) == option.default, option.name
+        assert option.help
+    with pytest.raises(ValueError, match="`kv_cache`"):
+        DiffusionGenerationConfig(kv_cache="triple")
