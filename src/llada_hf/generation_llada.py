@@ -948,7 +948,8 @@ class DiffusionDecodingState:
         batch_rows = torch.cat([rows, rows + self.x.shape[0]]) if guided else rows  # CFG copies: rows of their own
         start, end = 0, length
         if self.cache is not None:
-            start, end = self.cache.query_range(batch_rows, window_start, block, self.block_step == 0, length)
+            start, end = self.cache.query_range(batch_rows, window_start=window_start, block=block,
+                                                refresh=self.block_step == 0, length=length)
         mask = self.attention_mask[rows] if self.attention_mask is not None else None
         if guided and mask is not None:
             mask = torch.cat([mask, mask])
