@@ -2,7 +2,7 @@
 
 A masked diffusion model has no left-to-right factorisation, so log p(answer | prompt) is scored by
 its evidence lower bound (ELBO), estimated by Monte Carlo exactly as the official LLaDA evaluation does
-(../shared/reference/LLADA.md section 4):
+(docs/LLADA.md section 4):
 
 1. Repeat prompt + answer over the rows of a *group* (`batch_size` rows; the last group of a pair
    takes the remainder when `mc_num` is not a multiple of `batch_size`).

@@ -1,4 +1,4 @@
-"""The masked-diffusion training objective of LLaDA (reference: LLADA.md section 5), as small functions.
+"""The masked-diffusion training objective of LLaDA (docs/LLADA.md section 5), as small functions.
 
 Noise: per row a time t in [0, 1), a masking probability p = (1 - ε) t + ε, and each answer token replaced by the
 mask token with probability p (prompt tokens never). Loss: the cross-entropy at the masked positions, weighted by
