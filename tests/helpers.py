@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from llada_hf import LladaConfig, LladaForMaskedDiffusion
+from llada_hf.generation_llada import left_pad
 from llada_hf.tokenization import model_token_ids
 
 
@@ -133,10 +134,4 @@ def tokenizer_model(tokenizer, seed: int = 0, **overrides):
 
 def left_padded_batch(rows, pad_id=PAD_ID):
     """Left-pad lists of ids into (input_ids, attention_mask)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    return left_pad(rows, pad_id)

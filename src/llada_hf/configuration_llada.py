@@ -189,11 +189,23 @@ class LladaConfig(PreTrainedConfig):
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if rope_type != "default":
             raise ValueError(f"LladaConfig implements plain rotary embeddings only, got `rope_type={rope_type!r}`.")
-        if self.mask_token_id is not None and self.pad_token_id == self.mask_token_id:
-            raise ValueError(
-                f"`pad_token_id` equals `mask_token_id` ({self.mask_token_id}): padding would be read as masks to "
-                "fill. Use a different pad token (LLaDA pads with EOS, 126081)."
-            )
+        check_pad_is_not_mask(self.pad_token_id, self.mask_token_id)
 
 
-__all__ = ["LladaConfig", "BUNDLE_AUTO_MAP"]
+def check_pad_is_not_mask(pad_token_id: int | None, mask_token_id: int | None) -> None:
+    """Padding read as masks would be filled: the one rule, shared by the config, generation and the tooling.
+
+    Example:
+        ```python
+        >>> from llada_hf.configuration_llada import check_pad_is_not_mask
+        >>> check_pad_is_not_mask(126081, 126336)  # LLaDA pads with EOS
+        ```
+    """
+    if mask_token_id is not None and pad_token_id is not None and pad_token_id == mask_token_id:
+        raise ValueError(
+            f"`pad_token_id` equals `mask_token_id` ({mask_token_id}): padding would be read as masks to fill. "
+            "Use a different pad token (LLaDA pads with EOS, 126081)."
+        )
+
+
+__all__ = ["LladaConfig", "BUNDLE_AUTO_MAP", "check_pad_is_not_mask"]

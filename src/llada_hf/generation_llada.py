@@ -47,6 +47,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.modeling_outputs import ModelOutput
 
+from .configuration_llada import check_pad_is_not_mask
 from .streaming_llada import TextDiffusionStreamer, render_draft
 
 
@@ -248,15 +249,6 @@ PASSIVE_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start
                   "disable_compile", "transformers_version", "_from_model_config")
 
 
-def _check_pad_is_not_mask(pad_token_id, mask_token_id) -> None:
-    """Padding read as masks would be filled: the one rule, shared by generation and the tooling."""
-    if mask_token_id is not None and pad_token_id is not None and pad_token_id == mask_token_id:
-        raise ValueError(
-            f"`pad_token_id` equals `mask_token_id` ({mask_token_id}): padding would be read as masks to fill. "
-            "Use another pad token (LLaDA pads with EOS)."
-        )
-
-
 def _is_off(value, off_values: tuple) -> bool:
     if value is None or (isinstance(value, (list, tuple, dict)) and len(value) == 0):
         return True
@@ -316,7 +308,7 @@ class DiffusionGenerationConfig(GenerationConfig):
                 raise ValueError(f"`{name}={value!r}` has no meaning for masked diffusion: {instead}.")
         if self.do_sample is True and not self.temperature:
             raise ValueError("`do_sample=True` samples the candidates: set `temperature` > 0 (e.g. 1.0).")
-        _check_pad_is_not_mask(self.pad_token_id, self.mask_token_id)
+        check_pad_is_not_mask(self.pad_token_id, self.mask_token_id)
 
     def to_dict(self) -> dict:
         output = super().to_dict()

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..generation_llada import classifier_free_guidance, left_pad
+
 
 TokenIds = Sequence[int] | torch.Tensor | str
 
@@ -369,16 +371,9 @@ def _chunk_row_losses(
 def _left_padded(pairs: list[_Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad prompt+answer rows: (input_ids [R, W], attention_mask [R, W], answer_slots [R, A]),
     A = longest answer; `answer_slots` marks, in the last A columns, where each row's answer is."""
-    width = max(pair.length for pair in pairs)
-    answer_width = max(len(pair.answer) for pair in pairs)
-    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(pairs), width, dtype=torch.long)
-    answer_slots = torch.zeros(len(pairs), answer_width, dtype=torch.bool)
-    for i, pair in enumerate(pairs):
-        input_ids[i, width - pair.length :] = torch.tensor(pair.prompt + pair.answer, dtype=torch.long)
-        attention_mask[i, width - pair.length :] = 1
-        answer_slots[i, answer_width - len(pair.answer) :] = True
-    return input_ids, attention_mask, answer_slots
+    input_ids, attention_mask = left_pad([pair.prompt + pair.answer for pair in pairs], pad_id)
+    _, answer_slots = left_pad([pair.answer for pair in pairs], pad_id)
+    return input_ids, attention_mask, answer_slots.bool()
 
 
 def _answer_logits(
@@ -397,8 +392,7 @@ def _answer_logits(
         attention_mask = torch.cat([attention_mask, attention_mask])
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=answer_width).logits
     if cfg_scale > 0:
-        conditional, unconditional = logits.chunk(2)
-        logits = unconditional + (cfg_scale + 1) * (conditional - unconditional)
+        logits = classifier_free_guidance(*logits.chunk(2), cfg_scale)
     return logits
 
 

@@ -29,6 +29,7 @@ from lm_eval.api.registry import register_model
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 import llada_hf  # noqa: F401  (registers LLaDA with the Auto classes)
+from llada_hf.generation_llada import left_pad
 from llada_hf.streaming_llada import end_token_ids, truncate_at_eos
 
 from .likelihood import greedy_match, log_likelihood
@@ -218,7 +219,7 @@ class LladaEvalHarness(TemplateLM):
         if room < 1:
             raise ValueError(f"max_new_tokens ({answer_length}) leaves no room for a prompt in max_length ({self.max_length}).")
         prompts = [self.tok_encode(context)[-room:] for context in contexts]
-        input_ids, attention_mask = _left_pad(prompts, self.tokenizer.pad_token_id)  # [B, P]
+        input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id)  # [B, P]
         sequences = self.model.generate(
             input_ids.to(self._device), attention_mask=attention_mask.to(self._device), **sampling
         )  # [B, P + answer_length]
@@ -269,16 +270,6 @@ def _stop_strings(until) -> list[str]:
     if until is None:
         return []
     return [until] if isinstance(until, str) else list(until)
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row) :] = 1
-    return input_ids, attention_mask
 
 
 def run_lm_eval(
