@@ -9,9 +9,18 @@ model = AutoModel.from_pretrained("path/to/LLaDA-8B-Instruct")  # official layou
 ```
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForMaskedLM,
+    AutoProcessor,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_llada import LladaConfig
+from .configuration_llada_v import LladaVConfig
 from .generation_llada import (
     DiffusionGenerationConfig,
     DiffusionGenerationOutput,
@@ -20,6 +29,8 @@ from .generation_llada import (
     register_remasking_strategy,
 )
 from .modeling_llada import LladaForMaskedDiffusion, LladaModel, LladaPreTrainedModel, MaskedDiffusionOutput
+from .modeling_llada_v import LladaVForConditionalGeneration, LladaVModel, LladaVPreTrainedModel
+from .processing_llada_v import LladaVProcessor
 from .streaming_llada import end_token_ids, truncate_at_eos
 
 
@@ -50,12 +61,27 @@ AutoConfig.register("llada", LladaConfig, exist_ok=True)
 for _auto in (AutoModel, AutoModelForMaskedLM, AutoModelForCausalLM):
     _auto.register(LladaConfig, LladaForMaskedDiffusion, exist_ok=True)
 
+# LLaDA-V. The official checkpoints' model type `llava_llada` reads into the same config class (registered on the
+# mapping itself: AutoConfig.register insists the class's own model_type be the key). AutoModel gives the model
+# with its head, as for the text model, so `AutoModel.from_pretrained(...).generate(...)` works.
+AutoConfig.register("llada_v", LladaVConfig, exist_ok=True)
+CONFIG_MAPPING.register("llava_llada", LladaVConfig, exist_ok=True)
+for _auto in (AutoModel, AutoModelForImageTextToText):
+    _auto.register(LladaVConfig, LladaVForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(LladaVConfig, LladaVProcessor, exist_ok=True)
+LladaVProcessor.register_for_auto_class("AutoProcessor")  # saved processors name their class in auto_map
+
 __all__ = [
     "LladaConfig",
     "LladaModel",
     "LladaPreTrainedModel",
     "LladaForMaskedDiffusion",
     "MaskedDiffusionOutput",
+    "LladaVConfig",
+    "LladaVModel",
+    "LladaVPreTrainedModel",
+    "LladaVForConditionalGeneration",
+    "LladaVProcessor",
     "DiffusionGenerationConfig",
     "DiffusionGenerationOutput",
     "RemaskingStrategy",

@@ -432,13 +432,14 @@ class LladaForMaskedDiffusion(DiffusionGenerationMixin, LladaPreTrainedModel):
 
 
 BUNDLE_FILES = ("configuration_llada.py", "modeling_llada.py", "generation_llada.py", "streaming_llada.py")
+VISION_BUNDLE_FILES = ("configuration_llada_v.py", "modeling_llada_v.py", "processing_llada_v.py")  # LLaDA-V, on top
 
 
-def copy_bundle_files(save_directory) -> list[str]:
-    """Copy the bundle's flat .py files (this file and its siblings) into `save_directory`."""
+def copy_bundle_files(save_directory, names: tuple[str, ...] = BUNDLE_FILES) -> list[str]:
+    """Copy the bundle's flat .py files `names` (this file and its siblings) into `save_directory`."""
     here = os.path.dirname(os.path.abspath(__file__))
     copied = []
-    for name in BUNDLE_FILES:
+    for name in names:
         target = os.path.join(save_directory, name)
         shutil.copyfile(os.path.join(here, name), target)
         copied.append(target)
@@ -451,5 +452,6 @@ __all__ = [
     "LladaForMaskedDiffusion",
     "MaskedDiffusionOutput",
     "BUNDLE_FILES",
+    "VISION_BUNDLE_FILES",
     "copy_bundle_files",
 ]

@@ -1,0 +1,324 @@
+"""LLaDA-V: a SigLIP vision tower and an MLP projector in front of the LLaDA masked diffusion language model.
+
+Part of the model bundle: imports only torch, transformers and sibling bundle modules, because it is
+copied next to every saved checkpoint and must run where `llada_hf` is not installed.
+
+Module tree and names follow transformers' LLaVA-OneVision (`model.vision_tower`, `model.multi_modal_projector`,
+`model.image_newline`, `model.language_model`, `lm_head`). Official `llava_llada` checkpoints load unchanged
+through a registered checkpoint conversion mapping. Reused from transformers: `SiglipVisionModel` (the tower,
+holding only the kept layers; features are its last hidden state *before* `post_layernorm`),
+`LlavaOnevisionMultiModalProjector` (= the official `mlp2x_gelu`) and the anyres best-fit grid choice. The image
+packing follows the official code where transformers' LLaVA-OneVision differs (see `pack_image_features`).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionMultiModalProjector
+from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+
+from .configuration_llada_v import (
+    LladaVConfig,
+    anyres_grid,
+    downscaled_size,
+    max_num_patches,
+    unpad_bounds,
+)
+from .modeling_llada import (
+    VISION_BUNDLE_FILES,
+    LladaForMaskedDiffusion,
+    LladaModel,
+    LladaPreTrainedModel,
+    MaskedDiffusionOutput,
+    copy_bundle_files,
+)
+
+
+# Official `llava_llada` parameter names -> ours (the official tower wrapper nests the SigLIP model twice; its
+# language model sits directly under `model.`).
+OFFICIAL_CHECKPOINT_RENAMES = [
+    WeightRenaming(r"^model\.vision_tower\.vision_tower\.vision_model\.", "model.vision_tower."),
+    WeightRenaming(r"^model\.mm_projector\.0\.", "model.multi_modal_projector.linear_1."),
+    WeightRenaming(r"^model\.mm_projector\.2\.", "model.multi_modal_projector.linear_2."),
+    WeightRenaming(r"^model\.(embed_tokens|layers|norm)\.", r"model.language_model.\1."),
+]
+register_checkpoint_conversion_mapping("llada_v", OFFICIAL_CHECKPOINT_RENAMES, overwrite=True)
+
+
+class LladaVPreTrainedModel(LladaPreTrainedModel):
+    """Shared base: the strict `from_pretrained` of the text model (missing, unexpected or mis-shaped weights are
+    errors) and LLaDA-V's weight initialisation."""
+
+    config: LladaVConfig
+    config_class = LladaVConfig
+    input_modalities = ("image", "text")
+    _no_split_modules = ["LladaDecoderLayer", "SiglipEncoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LladaVModel):
+            nn.init.normal_(module.image_newline, std=module.image_newline.shape[0] ** -0.5)
+
+
+class LladaVModel(LladaVPreTrainedModel):
+    """Vision tower + projector + the bidirectional LLaDA body; merges image features into the token embeddings."""
+
+    def __init__(self, config: LladaVConfig):
+        super().__init__(config)
+        self.vision_tower = SiglipVisionModel(config.vision_config)
+        self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+        self.language_model = LladaModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.embed_tokens = value
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.config.vision_config.image_size // self.config.vision_config.patch_size
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | list,
+        batch_num_images: torch.Tensor | list | None = None,
+    ) -> list[torch.Tensor]:
+        """Run the tower once over every crop of every image; return each image's packed features [tokens, hidden].
+
+        `pixel_values`: [images, crops, C, H, W] as the processor returns it (crops zero-padded to the largest
+        count), or [all crops, C, H, W]. `image_sizes`: [images, 2] original (height, width). `batch_num_images`:
+        images per prompt; an image of a multi-image prompt is one padded-square crop (no anyres grid).
+        """
+        sizes = _image_sizes(image_sizes)
+        anyres = _anyres_flags(len(sizes), batch_num_images)
+        crop = self.config.vision_config.image_size
+        crops = [
+            1 + rows * cols if grid else 1
+            for (rows, cols), grid in zip(
+                (anyres_grid(size, self.config.image_grid_pinpoints, crop) for size in sizes), anyres
+            )
+        ]
+        pixel_values = self._flat_crops(pixel_values, crops)  # [all crops, C, H, W]
+        hidden = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        features = self.multi_modal_projector(hidden[self.config.vision_feature_layer])  # [all crops, unit², hidden]
+        return [
+            self.pack_image_features(image, size, grid) for image, size, grid in zip(features.split(crops), sizes, anyres)
+        ]
+
+    def pack_image_features(self, features: torch.Tensor, image_size: tuple[int, int], anyres: bool) -> torch.Tensor:
+        """One image's crop features [crops, unit², hidden] -> its token features [tokens, hidden].
+
+        anyres: the base crop's unit² features, then the grid of the other crops, unpadded to the image's aspect
+        ratio, downscaled (bilinear) when `anyres_max_N` says it is too large, with `image_newline` after each row.
+        Otherwise (an image of a multi-image prompt): its one crop's features and one `image_newline`, as the
+        official model packs a single crop. Differences from transformers' LLaVA-OneVision, official behaviour kept:
+        unpadding truncates the kept extent (`unpad_bounds`), and the grid pinpoints are tried in the official
+        order (`LladaVConfig.image_grid_pinpoints`).
+        """
+        newline = self.image_newline.to(features.dtype)
+        if not anyres:
+            return torch.cat((features[0], newline[None]))  # [unit² + 1, hidden]
+        unit = self.patches_per_side
+        rows, cols = anyres_grid(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        base, grid = features[0], features[1:]
+        grid = grid.view(rows, cols, unit, unit, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+        # grid: [hidden, rows * unit, cols * unit]
+        top, bottom, left, right = unpad_bounds(image_size, tuple(grid.shape[1:]))
+        grid = grid[:, top:bottom, left:right]
+        target = downscaled_size(*grid.shape[1:], unit, max_num_patches(self.config.vision_aspect_ratio))
+        if target is not None:
+            grid = F.interpolate(grid[None], list(target), mode="bilinear")[0]
+        grid = torch.cat((grid, newline[:, None, None].expand(*grid.shape[:-1], 1)), dim=-1)  # [hidden, h, w + 1]
+        return torch.cat((base, grid.flatten(1, 2).transpose(0, 1)))  # [unit² + h * (w + 1), hidden]
+
+    def _flat_crops(self, pixel_values: torch.Tensor, crops: list[int]) -> torch.Tensor:
+        vision = self.config.vision_config
+        crop_shape = (vision.num_channels, vision.image_size, vision.image_size)
+        if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point():
+            raise TypeError(
+                "`pixel_values` must be a float tensor (the processor's output), got "
+                f"{getattr(pixel_values, 'dtype', type(pixel_values).__name__)}."
+            )
+        expected = f"[images, crops, {', '.join(map(str, crop_shape))}] or [all crops, {', '.join(map(str, crop_shape))}]"
+        if pixel_values.dim() == 5 and tuple(pixel_values.shape[2:]) == crop_shape:
+            if pixel_values.shape[0] != len(crops) or pixel_values.shape[1] < max(crops):
+                raise ValueError(
+                    f"`pixel_values` holds {pixel_values.shape[0]} images of up to {pixel_values.shape[1]} crops, but "
+                    f"`image_sizes` describes {len(crops)} images needing {crops} crops. Pass the processor's "
+                    "`pixel_values` and `image_sizes` together."
+                )
+            return torch.cat([image[:count] for image, count in zip(pixel_values, crops)])
+        if pixel_values.dim() == 4 and tuple(pixel_values.shape[1:]) == crop_shape:
+            if pixel_values.shape[0] != sum(crops):
+                raise ValueError(
+                    f"`pixel_values` holds {pixel_values.shape[0]} crops, but `image_sizes` needs {sum(crops)} "
+                    f"({crops} per image). Pass the processor's `pixel_values` and `image_sizes` together."
+                )
+            return pixel_values
+        raise ValueError(f"`pixel_values` must have shape {expected}, got {tuple(pixel_values.shape)}.")
+
+    def embed_multimodal(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | list | None = None,
+        batch_num_images: torch.Tensor | list | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings [B, L, hidden] with every image placeholder replaced by the next image feature."""
+        image_mask = input_ids == self.config.image_token_id  # [B, L]
+        token_ids = input_ids.masked_fill(image_mask, 0)
+        self.language_model._check_input_ids(token_ids)
+        inputs_embeds = self.language_model.embed_tokens(token_ids)  # [B, L, hidden]
+        placeholders = int(image_mask.sum())
+        if pixel_values is None:
+            if placeholders:
+                raise ValueError(
+                    f"`input_ids` hold {placeholders} image placeholders (id {self.config.image_token_id}) but no "
+                    "`pixel_values` were given. Pass the images to the processor together with the text."
+                )
+            return inputs_embeds
+        if image_sizes is None:
+            raise ValueError("`pixel_values` need `image_sizes` (the processor returns both).")
+        features = self.get_image_features(pixel_values, image_sizes, batch_num_images)
+        counts = [len(f) for f in features]
+        if placeholders != sum(counts):
+            raise ValueError(
+                f"`input_ids` hold {placeholders} image placeholders (id {self.config.image_token_id}) but the "
+                f"{len(counts)} images give {sum(counts)} features ({counts} per image). Use one `<image>` per image "
+                "in the prompt and let LladaVProcessor expand it, with the same images."
+            )
+        features = torch.cat(features).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask[..., None], features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | list | None = None,
+        batch_num_images: torch.Tensor | list | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ):
+        """The language model's output over the merged sequence (text embeddings with image features spliced in).
+
+        With `inputs_embeds` (e.g. merged once by `embed_multimodal` and reused at every denoising step) the
+        vision tower does not run.
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass `input_ids` (with `pixel_values` for images) or `inputs_embeds`.")
+            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, image_sizes, batch_num_images)
+        elif pixel_values is not None or input_ids is not None:
+            raise ValueError(
+                "Pass either `input_ids` (+ `pixel_values`) or `inputs_embeds`, which already hold the image features."
+            )
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+
+class LladaVForConditionalGeneration(LladaVPreTrainedModel, LladaForMaskedDiffusion):
+    """LLaDA-V with its LM head: the text model's head, loss, saving and diffusion `generate()`, over `LladaVModel`.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from llada_hf import LladaConfig, LladaVConfig, LladaVForConditionalGeneration
+        >>> text = LladaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                    num_attention_heads=4, mask_token_id=63, pad_token_id=0, eos_token_id=1)
+        >>> vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...               image_size=28, patch_size=14, vision_use_head=False)
+        >>> config = LladaVConfig(text_config=text, vision_config=vision, image_token_id=62,
+        ...                       image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]])
+        >>> model = LladaVForConditionalGeneration(config).eval()
+        >>> pixel_values = torch.randn(1, 3, 3, 28, 28)  # one 28x50 image: base crop + a 1x2 grid of crops
+        >>> ids = torch.tensor([[5] + [62] * 10 + [6, 63]])  # 4 base tokens + 2 rows x (2 + newline) after unpadding
+        >>> model(ids, pixel_values=pixel_values, image_sizes=[[28, 50]]).logits.shape
+        torch.Size([1, 13, 64])
+        ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: LladaVConfig):
+        LladaVPreTrainedModel.__init__(self, config)  # not the text model's __init__, which builds a text-only body
+        self.model = LladaVModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | list | None = None,
+        batch_num_images: torch.Tensor | list | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MaskedDiffusionOutput:
+        """Logits for every position of the merged sequence (one position per image feature); with `labels`
+        (one per merged position, -100 = ignored, not shifted) the masked-token cross-entropy, as the text model."""
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            batch_num_images=batch_num_images,
+            **kwargs,
+        )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As the text model (our names, `auto_map`, the text bundle), plus the vision bundle's files."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            copy_bundle_files(save_directory, VISION_BUNDLE_FILES)
+
+
+def _image_sizes(image_sizes) -> list[tuple[int, int]]:
+    sizes = image_sizes.tolist() if torch.is_tensor(image_sizes) else list(image_sizes)
+    if any(len(size) != 2 or min(size) <= 0 for size in sizes):
+        raise ValueError(f"`image_sizes` must be one positive (height, width) pair per image, got {sizes}.")
+    return [(int(h), int(w)) for h, w in sizes]
+
+
+def _anyres_flags(num_images: int, batch_num_images) -> list[bool]:
+    """Per image: processed as an anyres grid (the only image of its prompt) or as one padded crop."""
+    if batch_num_images is None:
+        return [True] * num_images
+    counts = batch_num_images.tolist() if torch.is_tensor(batch_num_images) else list(batch_num_images)
+    if sum(counts) != num_images:
+        raise ValueError(f"`batch_num_images` {counts} does not add up to the {num_images} images of `image_sizes`.")
+    return [count == 1 for count in counts for _ in range(count)]
+
+
+__all__ = ["LladaVPreTrainedModel", "LladaVModel", "LladaVForConditionalGeneration"]

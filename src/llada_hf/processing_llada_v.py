@@ -1,0 +1,137 @@
+"""LLaDA-V processor: the official image preprocessing, the LLaDA tokenizer with an image placeholder, and the
+official chat format.
+
+Part of the model bundle: imports only torch, transformers and sibling bundle modules, because it is
+copied next to every saved checkpoint and must run where `llada_hf` is not installed.
+
+Images go through transformers' LLaVA-OneVision image processor (its PIL backend: no torchvision needed) set up as
+the official one: 384 px crops, mean = std = 0.5, bicubic resizing, the official grid pinpoints. For one image in
+a prompt: the image squashed to one crop, then the crops of the image resized and zero-padded to the best grid
+resolution (the official `process_anyres_image`). For several images in a prompt: each image padded to a square
+with the mean colour and resized to one crop (what the official code does with several images).
+"""
+
+from transformers.image_utils import PILImageResampling
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration_llada_v import OFFICIAL_GRID, num_image_tokens
+
+
+IMAGE_TOKEN = "<image>"
+
+# The official `conv_llava_llada` system prompt.
+SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
+)
+
+# The official prompt: bos, the system prompt (unless the conversation has one), then per message
+# `<|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT<|eot_id|>` (content trimmed), then the assistant header.
+# A content list renders `<image>\n` for each image item and the text of each text item, in order.
+LLADA_V_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{%- set messages = [{'role': 'system', 'content': '" + SYSTEM_PROMPT + "'}] + messages -%}"
+    "{%- endif -%}"
+    "<|startoftext|>"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set ns = namespace(text='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set ns.text = ns.text + '<image>\n' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set content = ns.text -%}{%- endif -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + content | trim + '<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
+)
+
+
+def official_image_processor(crop_size: int = 384, pinpoints: list | None = None) -> LlavaOnevisionImageProcessorPil:
+    """The official LLaDA-V image preprocessing (SigLIP crops of `crop_size`, mean = std = 0.5, bicubic)."""
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": crop_size, "width": crop_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        resample=PILImageResampling.BICUBIC,
+        image_grid_pinpoints=pinpoints if pinpoints is not None else [list(pair) for pair in OFFICIAL_GRID],
+        do_pad=True,
+        do_convert_rgb=True,
+    )
+
+
+class LladaVProcessor(ProcessorMixin):
+    r"""Image processor + LLaDA tokenizer + the official LLaDA-V chat template.
+
+    The placeholder is `<image>`, added to the tokenizer as a special token when missing — as the official
+    training code adds it — so with the official LLaDA tokenizer its id is 126349 (`LladaVConfig.image_token_id`).
+    Each `<image>` in the text becomes as many placeholders as the image has features (base crop, unpadded grid,
+    newlines), and the model puts the features there. Multi-image prompts and text-only prompts work.
+
+    Differences from the official inference helper `tokenizer_image_token`, which splits the prompt at `<image>`
+    and drops the first token of every later chunk (it expects a tokenizer that prepends BOS to each chunk; the
+    LLaDA tokenizer does not): we keep that token — with the official prompt, the `\n` after the image — as the
+    official training code does. The official template always ends with the assistant header; here it is added with
+    `add_generation_prompt=True`, as transformers' chat templates do.
+
+    Args:
+        image_processor: a `LlavaOnevisionImageProcessorPil` (default: `official_image_processor()`).
+        tokenizer: the LLaDA tokenizer.
+        chat_template: default: the official LLaDA-V template (`LLADA_V_CHAT_TEMPLATE`).
+        num_image_tokens: features per crop (official: (384 / 14)² = 729).
+        vision_aspect_ratio: as `LladaVConfig.vision_aspect_ratio`.
+
+    Example:
+        ```python
+        >>> from PIL import Image
+        >>> from llada_hf.processing_llada_v import LladaVProcessor, official_image_processor
+        >>> from llada_hf.tokenization import train_tokenizer
+        >>> processor = LladaVProcessor(official_image_processor(28, [[28, 28], [28, 56], [56, 28]]),
+        ...                             train_tokenizer(["a picture of a cat"], vocab_size=300), num_image_tokens=4)
+        >>> messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (50, 28))},
+        ...                                          {"type": "text", "text": "What is this?"}]}]
+        >>> inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+        ...                                        return_dict=True, return_tensors="pt")
+        >>> inputs["pixel_values"].shape, int((inputs["input_ids"] == processor.image_token_id).sum())
+        (torch.Size([1, 3, 3, 28, 28]), 14)
+        ```
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        num_image_tokens: int = 729,
+        vision_aspect_ratio: str = "anyres_max_4",
+        **kwargs,
+    ):
+        image_processor = image_processor if image_processor is not None else official_image_processor()
+        if tokenizer is not None and IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else None
+        self.num_image_tokens = num_image_tokens
+        self.vision_aspect_ratio = vision_aspect_ratio
+        chat_template = chat_template if chat_template is not None else LLADA_V_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The placeholders of image `image_idx`: one per feature the model will put there."""
+        per_prompt = [int(n) for n in image_inputs["batch_num_images"]]
+        prompt = next(i for i in range(len(per_prompt)) if image_idx < sum(per_prompt[: i + 1]))
+        size = image_inputs["image_sizes"][image_idx]
+        size = tuple(int(v) for v in (size.tolist() if hasattr(size, "tolist") else size))
+        crop = self.image_processor.size["height"]
+        count = num_image_tokens(
+            size,
+            self.image_processor.image_grid_pinpoints,
+            crop,
+            round(self.num_image_tokens**0.5),
+            self.vision_aspect_ratio,
+            anyres=per_prompt[prompt] == 1,
+        )
+        return self.image_token * count
+
+
+__all__ = ["LladaVProcessor", "official_image_processor", "LLADA_V_CHAT_TEMPLATE"]

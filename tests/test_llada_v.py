@@ -1,0 +1,291 @@
+"""LLaDA-V: config, official checkpoints, parity with an independent implementation of the official forward."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+import llada_hf  # noqa: F401  (registers the Auto classes)
+import reference_llada_v as ref
+from llada_hf.configuration_llada_v import OFFICIAL_GRID, LladaVConfig, num_image_tokens, unpad_bounds
+from llada_hf.modeling_llada import BUNDLE_FILES, VISION_BUNDLE_FILES
+from llada_hf.modeling_llada_v import LladaVForConditionalGeneration
+from llada_v_helpers import (
+    CROP,
+    IMAGE_ID,
+    TOWER_CONFIG,
+    official_pinpoints_wh,
+    official_state_dict,
+    tiny_processor,
+    write_official_checkpoint,
+)
+
+
+TOL = 1e-5
+
+
+def _image(width, height, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels, "RGB")
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """(folder, official config dict, official state dict, model loaded from the folder)."""
+    folder = tmp_path_factory.mktemp("official")
+    cfg, state = write_official_checkpoint(folder)
+    return folder, cfg, state, AutoModel.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
+
+
+# ---- config -------------------------------------------------------------------------------------------------------
+
+
+def test_official_config_is_read(tmp_path):
+    _, _, _, _ = write_official_checkpoint(tmp_path), None, None, None
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, LladaVConfig) and config.model_type == "llada_v"
+    vision, text = config.vision_config, config.text_config
+    assert vision.num_hidden_layers == TOWER_CONFIG["num_hidden_layers"] - 1  # the last layer is dropped
+    assert (vision.hidden_size, vision.image_size, vision.patch_size, vision.vision_use_head) == (16, CROP, 14, False)
+    assert (text.hidden_size, text.num_hidden_layers, text.rope_parameters["rope_theta"]) == (32, 2, 500000.0)
+    assert text.rope_full_precision is False  # LLaDA-V's language model applies rotary in the model dtype
+    assert config.vision_aspect_ratio == "anyres_max_4"
+    # "(1x1),...,(3x3)" -> [width, height] pairs in the official order, stored transposed as [height, width]
+    assert config.image_grid_pinpoints == [[h, w] for w, h in official_pinpoints_wh()]
+    saved = config.to_dict()
+    assert not any(key.startswith("mm_") for key in saved) and saved["auto_map"]["AutoModel"].startswith("modeling_llada_v")
+
+
+def test_official_defaults_know_the_so400m_tower_without_network():
+    cfg = {k: v for k, v in json.loads(json.dumps(write_official_config_dict())).items()}
+    cfg["mm_vision_tower"] = "google/siglip2-so400m-patch14-384"
+    cfg["image_grid_pinpoints"] = [[w, h] for h, w in OFFICIAL_GRID]  # as saved by the official code: [w, h]
+    config = LladaVConfig(**cfg)
+    vision = config.vision_config
+    assert (vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.num_attention_heads) == (
+        1152, 4304, 26, 16,
+    )
+    assert (vision.image_size, vision.patch_size) == (384, 14)
+    assert config.image_grid_pinpoints == OFFICIAL_GRID and len(OFFICIAL_GRID) == 36
+    cfg["image_grid_pinpoints"] = "(1x1),...,(6x6)"
+    assert LladaVConfig(**cfg).image_grid_pinpoints == OFFICIAL_GRID
+
+
+def write_official_config_dict():
+    from llada_v_helpers import official_config
+
+    return official_config()
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("mm_projector_type", "linear"), ("mm_patch_merge_type", "flat"), ("image_aspect_ratio", "pad"),
+        ("mm_use_im_start_end", True), ("attention_bias", True), ("rope_scaling", {"type": "linear", "factor": 2}),
+    ],
+)  # fmt: skip
+def test_unsupported_official_variants_are_refused_by_name(tmp_path, key, value):
+    write_official_checkpoint(tmp_path)
+    cfg = write_official_config_dict() | {key: value}
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match=key):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+def test_missing_tower_folder_is_named(tmp_path):
+    cfg = write_official_config_dict() | {"mm_vision_tower": "no-such-tower"}
+    with pytest.raises(ValueError, match="mm_vision_tower"):
+        LladaVConfig(**cfg)
+
+
+# ---- official checkpoints -----------------------------------------------------------------------------------------
+
+
+def test_official_checkpoint_loads_unchanged(official):
+    folder, _, state, model = official
+    assert isinstance(model, LladaVForConditionalGeneration)
+    ours = model.state_dict()
+    assert torch.equal(ours["model.vision_tower.encoder.layers.1.mlp.fc2.weight"],
+                       state[ref.TOWER + "encoder.layers.1.mlp.fc2.weight"])
+    assert torch.equal(ours["model.multi_modal_projector.linear_2.bias"], state["model.mm_projector.2.bias"])
+    assert torch.equal(ours["model.language_model.layers.1.mlp.up_proj.weight"], state["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(ours["model.image_newline"], state["model.image_newline"])
+    assert torch.equal(ours["lm_head.weight"], state["lm_head.weight"])
+    assert len(ours) == len(state)
+    for auto in (AutoModelForImageTextToText,):
+        assert isinstance(auto.from_pretrained(folder), LladaVForConditionalGeneration)
+
+
+@pytest.mark.parametrize("problem", ["missing", "unexpected", "mis-shaped"])
+def test_bad_official_weights_are_errors(tmp_path, problem):
+    write_official_checkpoint(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    if problem == "missing":
+        del state[ref.TOWER + "encoder.layers.1.mlp.fc1.weight"]
+    elif problem == "unexpected":  # e.g. a checkpoint that kept the tower's last layer
+        state[ref.TOWER + "encoder.layers.2.mlp.fc1.bias"] = torch.zeros(32)
+    else:
+        state["model.mm_projector.0.weight"] = torch.zeros(32, 8)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    if problem == "mis-shaped":  # transformers refuses it itself (ignore_mismatched_sizes=False), naming the key
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModel.from_pretrained(tmp_path)
+        return
+    with pytest.raises(ValueError, match=f"{problem}_keys"):
+        AutoModel.from_pretrained(tmp_path)
+
+
+def test_save_writes_our_layout_and_bundle_and_runs_without_llada_hf(official, processor, tmp_path):
+    _, _, _, model = official
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight" in saved
+    assert not any(key.startswith(("model.mm_projector", "model.layers.")) for key in saved)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "llada_v" and config["auto_map"]["AutoModelForImageTextToText"]
+    for name in BUNDLE_FILES + VISION_BUNDLE_FILES:
+        assert (tmp_path / "ckpt" / name).is_file(), name
+    inputs = _chat_inputs(processor, [_image(70, 40)], "What is in the image?")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    torch.save(dict(inputs), tmp_path / "inputs.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["llada_hf"] = None  # any `import llada_hf` now fails
+        sys.path = [p for p in sys.path if not p.rstrip("/").endswith(("src", "tests", "benchmarks"))]
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        folder = {str(tmp_path / "ckpt")!r}
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert "llada_hf" not in type(model).__module__ and "llada_hf" not in type(processor).__module__
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        with torch.no_grad():
+            torch.save(model(**inputs).logits, {str(tmp_path / "logits.pt")!r})
+        print(type(model).__module__, type(processor).__name__)
+        """
+    )
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "transformers_modules" in result.stdout and "LladaVProcessor" in result.stdout
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+# ---- parity with the official forward ----------------------------------------------------------------------------
+
+
+def _chat_inputs(processor, images, question):
+    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+
+
+def _official_ids(input_ids):
+    """Our prompt ids with each run of placeholders collapsed into the official single IMAGE_TOKEN_INDEX."""
+    out = []
+    for token in input_ids.tolist():
+        if token == IMAGE_ID:
+            if out and out[-1] == ref.IMAGE_TOKEN_INDEX:
+                continue
+            token = ref.IMAGE_TOKEN_INDEX
+        out.append(token)
+    return torch.tensor(out)
+
+
+def _reference(state, images_per_row, ids_per_row):
+    """Per row: official merged embeddings [L, D] and logits [L, vocab]."""
+    lm_cfg = write_official_config_dict()
+    out = []
+    for images, ids in zip(images_per_row, ids_per_row):
+        feats = ref.image_features(state, TOWER_CONFIG, images, official_pinpoints_wh(), CROP, 4) if images else []
+        embeds = ref.merged_embeddings(state, ids, feats)
+        out.append((embeds, ref.lm_logits(state, lm_cfg, embeds[None])[0]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [(84, 84)],  # 3x3 grid, downscaled by anyres_max_4
+        [(80, 30)],  # wide: a 1x3 grid, unpadded rows
+        [(10, 12)],  # small: a 1x1 grid
+        [(94, 47)],  # (w, h): unpadding where int() and transformers' round(., 7) disagree
+        [(60, 45), (20, 70)],  # two images in one prompt: one padded crop each
+    ],
+)
+def test_merged_embeddings_and_logits_match_the_official_forward(official, processor, sizes):
+    _, _, state, model = official
+    images = [_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    inputs = _chat_inputs(processor, images, "What is in the image?")
+    expected_crops = [ref.anyres_crops(images[0], official_pinpoints_wh(), CROP)] if len(images) == 1 else [
+        ref.padded_square_crop(image, CROP) for image in images
+    ]
+    for i, crops in enumerate(expected_crops):
+        assert (inputs["pixel_values"][i, : len(crops)] - crops).abs().max() <= 1e-6
+    with torch.no_grad():
+        embeds = model.model.embed_multimodal(
+            inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"], inputs["batch_num_images"]
+        )
+        logits = model(**inputs).logits
+    [(ref_embeds, ref_logits)] = _reference(state, [images], [_official_ids(inputs["input_ids"][0])])
+    assert embeds.shape[1] == ref_embeds.shape[0]
+    assert (embeds[0] - ref_embeds).abs().max() <= TOL
+    assert (logits[0] - ref_logits).abs().max() <= TOL
+
+
+def test_a_batch_of_prompts_with_images_of_different_sizes_matches_each_row(official, processor):
+    _, _, state, model = official
+    images = [_image(84, 50, seed=1), _image(20, 16, seed=2)]
+    prompts = [
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                      add_generation_prompt=True)
+        for q in ("What is in the image?", "a cat?")
+    ]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=[[images[0]], [images[1]]], text=prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    rows = [_official_ids(ids[mask.bool()]) for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+    for row, ((_, ref_logits), mask) in enumerate(zip(_reference(state, [[images[0]], [images[1]]], rows),
+                                                      inputs["attention_mask"])):
+        assert (logits[row][mask.bool()] - ref_logits).abs().max() <= TOL
+
+
+def test_text_only_prompts_match_the_official_language_model(official, processor):
+    _, _, state, model = official
+    inputs = processor(text=["a picture of a cat"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    [(_, ref_logits)] = _reference(state, [[]], [inputs["input_ids"][0]])
+    assert (logits[0] - ref_logits).abs().max() <= TOL
+
+
+def test_unpadding_truncates_as_the_official_code():
+    """transformers' LLaVA-OneVision rounds the kept extent to 7 decimals before truncating; the official code
+    truncates directly. For a 47 x 94 (height x width) image on a 2 x 3 grid of 2 x 2 features the kept height is
+    47 * 6 / 94 = 2.9999999999999996: officially 2 rows (one cut off above and below), transformers keeps all 4."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
+
+    assert unpad_bounds((47, 94), (4, 6)) == (1, 3, 0, 6)
+    assert unpad_image(torch.zeros(1, 4, 6), (47, 94)).shape[1] == 4  # the transformers behaviour we do not use
+    pinpoints = [[h, w] for w, h in official_pinpoints_wh()]
+    assert num_image_tokens((47, 94), pinpoints, CROP, 2, "anyres_max_4", anyres=True) == 4 + 2 * (6 + 1)
