@@ -170,7 +170,8 @@ HONOURED_FIELDS: dict[str, tuple[Callable[[Any], str | None], str]] = {
     "min_length": (_count, "as `min_new_tokens`, counted with the prompt"),
     "temperature": (_non_negative, "0 = greedy; otherwise candidates are sampled from softmax(logits / T)"),
     "do_sample": (lambda v: None if v is None else _boolean(v),
-                  "False = greedy whatever the temperature; True with no temperature = temperature 1"),
+                  "unset: the temperature decides (official); False: greedy whatever the temperature (warns); "
+                  "True: sample, at temperature 1 unless one is set"),
     "top_k": (lambda v: None if v is None or isinstance(v, int) and v >= 0 else "must be an integer >= 0",
               "sampling: keep the k most likely candidates"),
     "top_p": (_in_unit_interval, "sampling: nucleus filtering of the candidates"),
