@@ -281,3 +281,21 @@ def test_import_registers_the_auto_classes():
     for auto in (AutoModel, AutoModelForMaskedLM, AutoModelForCausalLM):
         assert auto._model_mapping[LladaConfig] is LladaForMaskedDiffusion
     assert llada_hf.__version__
+
+
+def test_use_cache_returns_a_filled_diffusion_cache():
+    from llada_hf.generation_llada import DiffusionCache
+
+    model = tiny_model()
+    ids = torch.tensor([[5, 6, 7, MASK_ID]])
+    out = model(ids, use_cache=True)
+    assert isinstance(out.cache, DiffusionCache)
+    assert out.cache.layers[0].keys.shape[-2] == 4 and len(out.cache.layers) == model.config.num_hidden_layers
+    assert model(ids).cache is None  # off by default (config.use_cache = False)
+
+
+def test_forward_compiles_without_graph_breaks():
+    model = tiny_model()
+    ids = torch.tensor([[5, 6, 7, MASK_ID]])
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(ids).logits, model(ids).logits)

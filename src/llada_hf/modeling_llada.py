@@ -32,7 +32,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_llada import LladaConfig
-from .generation_llada import DiffusionGenerationMixin
+from .generation_llada import DiffusionCache, DiffusionGenerationMixin
 
 
 # Official GSAI-ML parameter names -> ours. `ff_out` names both the per-block down projection and the
@@ -237,6 +237,7 @@ class LladaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # the vocabulary check (a host sync) is skipped while compiling
     _can_record_outputs = {"hidden_states": LladaDecoderLayer, "attentions": LladaAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -299,6 +300,8 @@ class LladaModel(LladaPreTrainedModel):
         batch_size, length = inputs_embeds.shape[:2]
         if length == 0:
             raise ValueError("The input is empty (sequence length 0); pass at least one token.")
+        if use_cache and cache is None:
+            cache = DiffusionCache()  # filled by this full pass: every position's keys/values
         # With a cache, queries cover positions [past_length, past_length + length) and keys span kv_length
         # positions: the cache's own answer (a diffusion cache can hold positions after the queries too).
         past_length = cache.get_seq_length() if cache is not None else 0
