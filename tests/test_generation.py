@@ -14,7 +14,7 @@ from llada_hf.generation_llada import (
     plan_blocks,
     tokens_per_step,
 )
-from reference_llada import reference_generate
+from llada_reference import reference_generate
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 
