@@ -141,3 +141,13 @@ def test_publish_names_the_mask_token_and_refuses_a_model_without_one(model, tok
     config = LladaConfig(**{**model.config.to_dict(), "mask_token_id": None})
     with pytest.raises(ValueError, match="could not generate"):
         publish(LladaForMaskedDiffusion(config), tokenizer, "alice/tiny-llada", dry_run=True)
+
+
+def test_lm_eval_answers_end_at_eos_or_eot_like_the_cli(model, tokenizer):
+    from llada_hf.evaluation.lm_eval_adapter import LladaEvalHarness
+
+    lm = LladaEvalHarness(pretrained=model, tokenizer=tokenizer, device="cpu")
+    cat, dog = tokenizer(" cat").input_ids, tokenizer(" dog").input_ids
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    assert lm._answer_text([*cat, eot, *dog, tokenizer.eos_token_id], until=[]) == " cat"
+    assert lm._answer_text([*cat, tokenizer.eos_token_id, *dog], until=[]) == " cat"
