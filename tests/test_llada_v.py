@@ -229,6 +229,7 @@ def _reference(state, images_per_row, ids_per_row):
         [(80, 30)],  # wide: a 1x3 grid, unpadded rows
         [(10, 12)],  # small: a 1x1 grid
         [(94, 47)],  # (w, h): unpadding where int() and transformers' round(., 7) disagree
+        [(300, 100)],  # larger than any pinpoint: the largest grid, downscaled
         [(60, 45), (20, 70)],  # two images in one prompt: one padded crop each
     ],
 )

@@ -11,6 +11,10 @@ resolution (the official `process_anyres_image`). For several images in a prompt
 with the mean colour and resized to one crop (what the official code does with several images).
 """
 
+import numpy as np
+import torch
+from PIL import Image
+
 from transformers.image_utils import PILImageResampling
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
@@ -116,6 +120,18 @@ class LladaVProcessor(ProcessorMixin):
         chat_template = chat_template if chat_template is not None else LLADA_V_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """Load the images (PIL images, paths, URLs) and bring them to RGB as the official loader does
+        (`Image.convert("RGB")`: grayscale is replicated, alpha dropped, 16-bit values saturate at 255); refuse
+        unreadable and empty images with a message that says what to pass."""
+        try:
+            images, text, videos, audio = super().prepare_inputs_layout(images, text, videos, audio, **kwargs)
+        except OSError as error:  # PIL.UnidentifiedImageError: a corrupt file, or not an image at all
+            raise ValueError(
+                f"Cannot read an image ({error}). Pass PIL images, or paths / URLs of image files (PNG, JPEG, ...)."
+            ) from error
+        return (official_rgb(images) if images is not None else None), text, videos, audio
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The placeholders of image `image_idx`: one per feature the model will put there."""
         per_prompt = [int(n) for n in image_inputs["batch_num_images"]]
@@ -132,6 +148,20 @@ class LladaVProcessor(ProcessorMixin):
             anyres=per_prompt[prompt] == 1,
         )
         return self.image_token * count
+
+
+def official_rgb(images):
+    """Every image of a (nested) list as the official loader has it: PIL images converted to RGB; arrays and
+    tensors checked for emptiness and passed on (transformers reads their channels)."""
+    if isinstance(images, (list, tuple)):
+        return [official_rgb(image) for image in images]
+    if isinstance(images, Image.Image):
+        if min(images.size) == 0:
+            raise ValueError(f"An image is empty ({images.width} x {images.height} pixels); pass a non-empty image.")
+        return images.convert("RGB")
+    if isinstance(images, (np.ndarray, torch.Tensor)) and 0 in tuple(images.shape):
+        raise ValueError(f"An image array is empty (shape {tuple(images.shape)}); pass a non-empty image.")
+    return images  # other types were refused by transformers' loader
 
 
 __all__ = ["LladaVProcessor", "official_image_processor", "LLADA_V_CHAT_TEMPLATE"]
