@@ -127,3 +127,34 @@ def test_bad_embeddings_get_clear_errors(model):
         model.generate(inputs_embeds=embeds[..., :4], max_new_tokens=4)
     with pytest.raises(TypeError, match="dtype"):
         model.generate(inputs_embeds=embeds.double(), max_new_tokens=4)
+
+
+def test_requests_without_a_cache_share_one_forward_per_step(model):
+    requests = [([5, 9, 12, 40, 41, 42], dict(max_new_tokens=8, steps=8, block_length=4)),
+                ([7, 8], dict(max_new_tokens=12, steps=6, block_length=6, cfg_scale=1.0)),
+                ([30, 31, 32], dict(max_new_tokens=8, steps=8, remasking="margin", confidence_threshold=0.3))]
+    engine = DiffusionEngine(model)
+    ids = []
+    for prompt, settings in requests:
+        ids += engine.add(torch.tensor([prompt]), **settings)
+        engine.step()
+    while engine.has_unfinished:
+        engine.step()
+    alone_forwards = 0
+    for row_id, (prompt, settings) in zip(ids, requests):
+        alone = model.generate(torch.tensor([prompt]), return_dict_in_generate=True, **settings)
+        alone_forwards += alone.nfe
+        assert torch.equal(engine.pop(row_id), alone.sequences[0])
+    assert engine.forward_passes < alone_forwards
+
+
+def test_embedded_and_id_prompts_share_a_forward(model):
+    engine = DiffusionEngine(model)
+    [by_ids] = engine.add(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, steps=6)
+    embeds = model.get_input_embeddings()(torch.tensor([[9, 10]]))
+    [by_embeds] = engine.add(inputs_embeds=embeds, max_new_tokens=6, steps=6)
+    while engine.has_unfinished:
+        engine.step()
+    assert engine.forward_passes == 6
+    assert torch.equal(engine.pop(by_ids), model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, steps=6)[0])
+    assert torch.equal(engine.pop(by_embeds), model.generate(torch.tensor([[9, 10]]), max_new_tokens=6, steps=6)[0, 2:])

@@ -768,6 +768,21 @@ def _top_k_per_row(scores: torch.Tensor, k: torch.LongTensor, eligible: torch.Te
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ForwardRequest:
+    """What one step of a `DiffusionDecodingState` asks of the model: `inputs` (`input_ids` or `inputs_embeds`,
+    [N, query positions]) for its active `rows` (N = 2R with CFG: the unconditional copies follow), their key
+    `attention_mask` ([N, L] or None), and the window [window_start, window_end) whose logits it needs; the
+    queries start at `query_start` (0 unless a cache serves the positions before)."""
+
+    rows: torch.LongTensor
+    window_start: int
+    window_end: int
+    query_start: int
+    inputs: dict
+    attention_mask: torch.Tensor | None
+
+
 class DiffusionDecodingState:
     """The decoding state of rows that were added together, and `step()`, one denoising step for them.
 
@@ -838,21 +853,49 @@ class DiffusionDecodingState:
 
     def step(self) -> torch.LongTensor:
         """Run one denoising step (steps 4-8 of `generate`) for the active rows; return the rows it finished."""
+        request = self.plan_forward()
+        return self.finish_step(request, self.run_forward(request))
+
+    def plan_forward(self) -> "ForwardRequest":
+        """Step 4, before the model runs: the active rows, their window, the positions the forward covers (the
+        cache decides) and the model inputs. `DiffusionEngine` may run several states' requests as one forward."""
         if self.done:
             raise RuntimeError("This decoding state is done; read `output()` or start a new one.")
         block = self.blocks[self.block_index]
         rows = self.active.nonzero().squeeze(1)
-        is_masked = self.x[rows] == self.mask_id  # [R, L]
-        window_start = int(is_masked[:, : block.end].any(0).nonzero()[0])  # first masked position of any row
-        # 4. Logits for the active window [window_start, block.end)
-        logits = self._window_logits(rows, window_start, block)
+        window_start = int((self.x[rows, : block.end] == self.mask_id).any(0).nonzero()[0])  # first mask of any row
+        guided = self.config.cfg_scale > 0
+        length = self.x.shape[1]
+        batch_rows = torch.cat([rows, rows + self.x.shape[0]]) if guided else rows  # CFG copies: rows of their own
+        start, end = 0, length
+        if self.cache is not None:
+            start, end = self.cache.query_range(batch_rows, window_start=window_start, block=block,
+                                                refresh=self.block_step == 0, length=length)
+        mask = self.attention_mask[rows] if self.attention_mask is not None else None
+        if guided and mask is not None:
+            mask = torch.cat([mask, mask])
+        return ForwardRequest(rows=rows, window_start=window_start, window_end=block.end, query_start=start,
+                              inputs=self._model_inputs(rows, start, end, guided), attention_mask=mask)
+
+    def run_forward(self, request: "ForwardRequest") -> torch.Tensor:
+        """Step 4: the model on the request's inputs; logits [R(*2 with CFG), W, V] for the window."""
+        keep = torch.arange(request.window_start - request.query_start, request.window_end - request.query_start,
+                            device=self.x.device)
+        return self.model(**request.inputs, attention_mask=request.attention_mask, cache=self.cache,
+                          logits_to_keep=keep).logits
+
+    def finish_step(self, request: "ForwardRequest", logits: torch.Tensor) -> torch.LongTensor:
+        """Steps 4 (guidance) to 8 with the window's logits; returns the rows this step finished."""
+        rows, window_start, block = request.rows, request.window_start, self.blocks[self.block_index]
+        if self.config.cfg_scale > 0:
+            logits = classifier_free_guidance(*logits.chunk(2), self.config.cfg_scale)
         self.nfe += 1
         self.forwards_taken[rows] += 1
         # 5. Candidates
         logits = self._shape_logits(logits, rows, window_start, block.end)
         candidates = _candidates(logits, self.config, self.generator)
         # 6. Scores: only masked positions of the window are eligible
-        eligible = is_masked[:, window_start : block.end]
+        eligible = self.x[rows, window_start : block.end] == self.mask_id
         scores = self._scores(logits, candidates, eligible)
         # 7. Commit the scheduled number of best candidates per row (more with parallel decoding)
         count = _parallel_count(scores, self.schedule[rows, self.block_step], self.config.confidence_threshold,
@@ -928,30 +971,7 @@ class DiffusionDecodingState:
                 if self.streamer is not None:
                     self.streamer.end()
 
-    # ---- step 4: the forward -------------------------------------------------------------------
-
-    def _window_logits(self, rows: torch.LongTensor, window_start: int, block: Block) -> torch.Tensor:
-        """Run the model on the active rows and return logits [R, W, V] for the window [window_start, block.end).
-
-        With CFG, a copy of each row in which every prompt position is masked runs in the same batch. The
-        cache (if any) decides which positions the forward covers.
-        """
-        guided = self.config.cfg_scale > 0
-        length = self.x.shape[1]
-        batch_rows = torch.cat([rows, rows + self.x.shape[0]]) if guided else rows  # CFG copies: rows of their own
-        start, end = 0, length
-        if self.cache is not None:
-            start, end = self.cache.query_range(batch_rows, window_start=window_start, block=block,
-                                                refresh=self.block_step == 0, length=length)
-        mask = self.attention_mask[rows] if self.attention_mask is not None else None
-        if guided and mask is not None:
-            mask = torch.cat([mask, mask])
-        keep = torch.arange(window_start - start, block.end - start, device=self.x.device)
-        logits = self.model(**self._model_inputs(rows, start, end, guided), attention_mask=mask, cache=self.cache,
-                            logits_to_keep=keep).logits  # [R(*2), W, V]
-        if guided:
-            logits = classifier_free_guidance(*logits.chunk(2), self.config.cfg_scale)
-        return logits
+    # ---- step 4: the model's inputs ------------------------------------------------------------
 
     def _model_inputs(self, rows: torch.LongTensor, start: int, end: int, guided: bool) -> dict:
         """`input_ids` for positions [start, end) of the rows, or `inputs_embeds` when the prompt is embedded;
@@ -1035,13 +1055,51 @@ class DiffusionDecodingState:
         answer[rows[:, None] & (answer == self.mask_id)] = eos
 
 
+def _shared_forward(model, requests: list[ForwardRequest]) -> list[torch.Tensor]:
+    """One forward pass for several full-sequence requests; returns each request's window logits.
+
+    Shorter sequences are left-padded (masked out) and keep their own position ids, so each row sees what it
+    sees alone; the LM head runs on the union of the windows.
+    """
+    lengths = [_inputs_tensor(request).shape[1] for request in requests]
+    width = max(lengths)
+    embedded = any("inputs_embeds" in request.inputs for request in requests)
+    inputs, masks, positions, windows = [], [], [], []
+    for request, length in zip(requests, lengths):
+        shift = width - length  # left padding added for this request
+        tensor = _inputs_tensor(request)
+        if embedded and "input_ids" in request.inputs:
+            tensor = model.get_input_embeddings()(tensor)
+        inputs.append(F.pad(tensor, (0, 0, shift, 0) if embedded else (shift, 0)))  # pad id 0 / zeros: masked
+        mask = request.attention_mask
+        mask = torch.ones(tensor.shape[:2], dtype=torch.long, device=tensor.device) if mask is None else mask
+        masks.append(F.pad(mask.long(), (shift, 0)))
+        positions.append((torch.arange(width, device=tensor.device) - shift).expand(tensor.shape[0], width))
+        windows.append((request.window_start + shift, request.window_end + shift))
+    low, high = min(start for start, _ in windows), max(end for _, end in windows)
+    logits = model(**{"inputs_embeds" if embedded else "input_ids": torch.cat(inputs)},
+                   attention_mask=torch.cat(masks), position_ids=torch.cat(positions),
+                   logits_to_keep=torch.arange(low, high, device=inputs[0].device)).logits  # [N, high - low, V]
+    pieces, first_row = [], 0
+    for tensor, (start, end) in zip(inputs, windows):
+        pieces.append(logits[first_row : first_row + tensor.shape[0], start - low : end - low])
+        first_row += tensor.shape[0]
+    return pieces
+
+
+def _inputs_tensor(request: ForwardRequest) -> torch.Tensor:
+    return request.inputs.get("input_ids", request.inputs.get("inputs_embeds"))
+
+
 class DiffusionEngine:
     """Decoding for requests that come and go: each `add` joins at the next step boundary with its own prompt,
     settings and block plan; `step()` advances every request by one denoising step; finished or cancelled
     rows leave without changing the other rows' tokens. The server and streaming clients drive it.
 
-    Rows added in one call share forward passes (one `DiffusionDecodingState`); each call's rows get what
-    they would get from `generate` alone.
+    Rows added in one call form one `DiffusionDecodingState`. At each step, the states without a key/value
+    cache run as ONE forward pass (shorter sequences left-padded, each keeping its own position ids), and each
+    state with a cache runs its own (its cache covers only its rows). Every request gets the tokens it would get
+    from `generate` alone; `forward_passes` counts the passes run.
 
     Example:
         ```python
@@ -1067,6 +1125,7 @@ class DiffusionEngine:
         self.states: list[DiffusionDecodingState] = []
         self._rows: dict[int, tuple[DiffusionDecodingState, int]] = {}
         self._next_id = 0
+        self.forward_passes = 0
 
     def add(self, input_ids=None, attention_mask=None, **kwargs) -> list[int]:
         """Add requests (the arguments of `generate`); returns one id per row, used by `pop`, `draft`, `remove`."""
@@ -1084,9 +1143,17 @@ class DiffusionEngine:
 
     def step(self) -> list[int]:
         """One denoising step for every unfinished request; returns the ids of the rows finished by now."""
-        for state in self.states:
-            if not state.done:
+        pending = [state for state in self.states if not state.done]
+        shared = [state for state in pending if state.cache is None]  # full-sequence forwards: one pass
+        if len(shared) > 1:
+            requests = [state.plan_forward() for state in shared]
+            for state, request, logits in zip(shared, requests, _shared_forward(self.model, requests)):
+                state.finish_step(request, logits)
+            self.forward_passes += 1
+        for state in pending:
+            if len(shared) < 2 or state.cache is not None:
                 state.step()
+                self.forward_passes += 1
         return [row_id for row_id in self._rows if self.is_finished(row_id)]
 
     def is_finished(self, row_id: int) -> bool:
