@@ -161,9 +161,18 @@ class TextDiffusionStreamer(TransformersTextDiffusionStreamer):
         ```
     """
 
-    def __init__(self, tokenizer, skip_prompt: bool = False, mask_symbol: str = "░", mask_token_id: int | None = None,
-                 eos_token_ids: int | list[int] | None = None, prefix: str = "", live: bool | None = None,
-                 sleep_time: float | None = None, **decode_kwargs):
+    def __init__(
+        self,
+        tokenizer,
+        skip_prompt: bool = False,
+        mask_symbol: str = "░",
+        mask_token_id: int | None = None,
+        eos_token_ids: int | list[int] | None = None,
+        prefix: str = "",
+        live: bool | None = None,
+        sleep_time: float | None = None,
+        **decode_kwargs,
+    ):
         super().__init__(tokenizer, skip_prompt=skip_prompt, sleep_time=sleep_time, **decode_kwargs)
         self.mask_symbol = mask_symbol
         self.mask_token_id = mask_token_id if mask_token_id is not None else tokenizer.mask_token_id
