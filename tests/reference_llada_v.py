@@ -188,3 +188,61 @@ def lm_logits(state, cfg, embeds):
                          p("mlp.down_proj.weight"))
         layer += 1
     return F.linear(rms(x, state["model.norm.weight"]), state["lm_head.weight"])
+
+
+# ---- the official sampler (generate_with_embeds), batch size 1, no stop words --------------------------------------
+
+
+def _num_transfer_tokens(block_mask, steps):
+    count = block_mask.sum(dim=1, keepdim=True)
+    base, remainder = count // steps, count % steps
+    out = base.expand(-1, steps).clone()
+    out[torch.arange(steps)[None] < remainder] += 1
+    return out
+
+
+def generate_with_embeds(logits_fn, embed_table, inputs_embeds, mask_id, suppress, steps, gen_length, block_length,
+                         cfg_scale=0.0):
+    """The official low-confidence sampler at temperature 0 on prompt embeddings [1, P, D]: answer ids [1, G].
+
+    Masked positions are found by comparing embeddings with the mask embedding; at masked positions the
+    `suppress` ids get -inf; the score is a float64 softmax of the float32 logits; a block without masks ends.
+    """
+    prompt_length = inputs_embeds.shape[1]
+    total = prompt_length + gen_length
+    mask_embed = embed_table[mask_id][None]  # [1, D]
+    x_embeds = mask_embed.repeat(1, total, 1)
+    x_embeds[:, :prompt_length] = inputs_embeds
+    x = torch.full((1, total), mask_id, dtype=torch.long)
+    prompt_index = torch.zeros(1, total, dtype=torch.bool)
+    prompt_index[:, :prompt_length] = True
+    num_blocks = gen_length // block_length
+    steps = steps // num_blocks
+    for block in range(num_blocks):
+        start, end = prompt_length + block * block_length, prompt_length + (block + 1) * block_length
+        block_mask = torch.all(torch.abs(x_embeds[:, start:end] - mask_embed) < 1e-5, dim=2)
+        transfer = _num_transfer_tokens(block_mask, steps)
+        for step in range(steps):
+            mask_index = torch.all(torch.abs(x_embeds - mask_embed) < 1e-5, dim=2)
+            if not mask_index[0, start:end].any():
+                break
+            if cfg_scale > 0:
+                unconditional = x_embeds.clone()
+                unconditional[prompt_index] = mask_embed.expand(total, -1)[prompt_index[0]]
+                cond, uncond = logits_fn(torch.cat([x_embeds, unconditional])).float().chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = logits_fn(x_embeds).float()
+            for token in suppress:
+                logits[:, :, token] = torch.where(mask_index, -float("inf"), logits[:, :, token])
+            x0 = logits.argmax(-1)
+            x0_p = torch.gather(F.softmax(logits.double(), dim=-1), -1, x0[..., None])[..., 0]
+            x0_p[:, end:] = -float("inf")
+            x0_embeds = torch.where(mask_index[..., None], embed_table[x0], x_embeds)
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -float("inf"))
+            chosen = torch.zeros_like(x0, dtype=torch.bool)
+            chosen[0, torch.topk(confidence[0], k=int(transfer[0, step])).indices] = True
+            x_embeds[chosen] = x0_embeds[chosen]
+            x[chosen] = x0[chosen]
+    return x[:, prompt_length:]

@@ -163,6 +163,7 @@ def test_save_writes_our_layout_and_bundle_and_runs_without_llada_hf(official, p
     inputs = _chat_inputs(processor, [_image(70, 40)], "What is in the image?")
     with torch.no_grad():
         expected = model(**inputs).logits
+    expected_tokens = model.generate(**inputs, max_new_tokens=8, steps=8, block_length=4)
     torch.save(dict(inputs), tmp_path / "inputs.pt")
     script = textwrap.dedent(
         f"""
@@ -178,6 +179,8 @@ def test_save_writes_our_layout_and_bundle_and_runs_without_llada_hf(official, p
         inputs = torch.load({str(tmp_path / "inputs.pt")!r})
         with torch.no_grad():
             torch.save(model(**inputs).logits, {str(tmp_path / "logits.pt")!r})
+        tokens = model.generate(**inputs, max_new_tokens=8, steps=8, block_length=4)
+        torch.save(tokens, {str(tmp_path / "tokens.pt")!r})
         print(type(model).__module__, type(processor).__name__)
         """
     )
@@ -186,6 +189,7 @@ def test_save_writes_our_layout_and_bundle_and_runs_without_llada_hf(official, p
     assert result.returncode == 0, result.stderr
     assert "transformers_modules" in result.stdout and "LladaVProcessor" in result.stdout
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    assert torch.equal(torch.load(tmp_path / "tokens.pt"), expected_tokens)
 
 
 # ---- parity with the official forward ----------------------------------------------------------------------------

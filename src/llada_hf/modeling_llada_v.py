@@ -37,6 +37,11 @@ from .modeling_llada import (
 )
 
 
+# The ids the official LLaDA-V sampler never generates at a masked position: eos, bos, start_header, end_header
+# (LLaDA's tokenizer; eot stays allowed). Models with another vocabulary suppress their own eos and bos.
+OFFICIAL_SUPPRESS_TOKENS = [126081, 126080, 126346, 126347]
+LLADA_TOKENIZER_SIZE = 126349
+
 # Official `llava_llada` parameter names -> ours (the official tower wrapper nests the SigLIP model twice; its
 # language model sits directly under `model.`).
 OFFICIAL_CHECKPOINT_RENAMES = [
@@ -248,9 +253,9 @@ class LladaVForConditionalGeneration(LladaVPreTrainedModel, LladaForMaskedDiffus
         ...                       image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]])
         >>> model = LladaVForConditionalGeneration(config).eval()
         >>> pixel_values = torch.randn(1, 3, 3, 28, 28)  # one 28x50 image: base crop + a 1x2 grid of crops
-        >>> ids = torch.tensor([[5] + [62] * 10 + [6, 63]])  # 4 base tokens + 2 rows x (2 + newline) after unpadding
+        >>> ids = torch.tensor([[5] + [62] * 14 + [6, 63]])  # 4 base tokens + 2 rows x (4 + newline): nothing unpadded
         >>> model(ids, pixel_values=pixel_values, image_sizes=[[28, 50]]).logits.shape
-        torch.Size([1, 13, 64])
+        torch.Size([1, 17, 64])
         ```
     """
 
@@ -261,9 +266,73 @@ class LladaVForConditionalGeneration(LladaVPreTrainedModel, LladaForMaskedDiffus
         self.model = LladaVModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        fill_generation_defaults(self.generation_config, config)
+
+    def adjust_generation_fn(self, *args, **kwargs):
+        """As the text model (generation_config.json, else defaults), then LLaDA-V's defaults for unset fields."""
+        super().adjust_generation_fn(*args, **kwargs)
+        fill_generation_defaults(self.generation_config, self.config)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | list | None = None,
+        batch_num_images: torch.Tensor | list | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Answer about images (and text) by masked diffusion, with the text model's sampler.
+
+        The prompt's embeddings, image features included, are computed once (`embed_multimodal`: the vision tower
+        runs once per request) and the sampler decodes from them (`inputs_embeds`), so every option of the text
+        `generate` applies: strategies, blocks, CFG (the unconditional copy masks the whole prompt, images
+        included, as the official sampler), caches, thresholds, early exit, streamers, stopping criteria.
+
+        With the model's defaults the tokens at masked positions never include eos, bos or the header tokens
+        (`suppress_tokens`, as the official `generate_with_embeds`), and with the official settings (one block of
+        `block_length = max_new_tokens`, `steps = max_new_tokens`, temperature 0, no stop words) the answer equals
+        the official sampler's. Batches are left-padded by the processor; text-only prompts work the same way.
+
+        Args:
+            input_ids, pixel_values, image_sizes, batch_num_images, attention_mask: the processor's output.
+            kwargs: anything the text `generate` takes (`max_new_tokens`, `steps`, `block_length`, `remasking`,
+                `temperature`, `cfg_scale`, `kv_cache`, `streamer`, ..., or `inputs_embeds` instead of `input_ids`).
+
+        Returns:
+            The prompt ids followed by the answer, [B, P + max_new_tokens] (transformers' convention: decode
+            `out[:, input_ids.shape[1]:]`), or a `DiffusionGenerationOutput` whose `sequences` and `history` are so
+            extended; given `inputs_embeds` instead of `input_ids`, the answer alone.
+
+        Example:
+            ```python
+            >>> import torch
+            >>> from llada_hf import LladaConfig, LladaVConfig, LladaVForConditionalGeneration
+            >>> text = LladaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            ...                    num_attention_heads=4, mask_token_id=63, pad_token_id=0, eos_token_id=1)
+            >>> vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            ...               image_size=28, patch_size=14, vision_use_head=False)
+            >>> config = LladaVConfig(text_config=text, vision_config=vision, image_token_id=62,
+            ...                       image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]])
+            >>> model = LladaVForConditionalGeneration(config).eval()
+            >>> ids = torch.tensor([[5] + [62] * 14 + [6]])  # a 28 x 50 image: 4 base + 2 x (4 + 1) grid tokens
+            >>> out = model.generate(ids, pixel_values=torch.randn(1, 3, 3, 28, 28), image_sizes=[[28, 50]],
+            ...                      max_new_tokens=8, steps=8, block_length=4)
+            >>> out.shape
+            torch.Size([1, 24])
+            ```
+        """
+        if input_ids is None:
+            return super().generate(attention_mask=attention_mask, **kwargs)
+        if not torch.is_tensor(input_ids):
+            raise TypeError(f"`input_ids` must be a tensor (the processor's output), got {type(input_ids).__name__}.")
+        inputs_embeds = self.model.embed_multimodal(input_ids, pixel_values, image_sizes, batch_num_images)  # [B, P, D]
+        output = super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return _with_prompt(input_ids, output)
 
     def forward(
         self,
@@ -302,6 +371,33 @@ class LladaVForConditionalGeneration(LladaVPreTrainedModel, LladaForMaskedDiffus
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             copy_bundle_files(save_directory, VISION_BUNDLE_FILES)
+
+
+def fill_generation_defaults(generation_config, config: LladaVConfig) -> None:
+    """Unset token ids come from the language model's config; unset `suppress_tokens` become the official
+    sampler's suppressions (`OFFICIAL_SUPPRESS_TOKENS` with LLaDA's tokenizer, else the model's eos and bos)."""
+    if generation_config is None:
+        return
+    text = config.text_config
+    for key in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
+        if getattr(generation_config, key, None) is None:
+            setattr(generation_config, key, getattr(text, key, None))
+    if generation_config.suppress_tokens is None:
+        official = text.vocab_size >= LLADA_TOKENIZER_SIZE
+        own = [t for t in (text.eos_token_id, text.bos_token_id) if isinstance(t, int) and 0 <= t < text.vocab_size]
+        generation_config.suppress_tokens = list(OFFICIAL_SUPPRESS_TOKENS) if official else own
+
+
+def _with_prompt(input_ids: torch.LongTensor, output):
+    """Prepend the prompt ids to what the sampler returned for an embedded prompt (the answer alone)."""
+    answers = output if torch.is_tensor(output) else output.sequences
+    prompt = input_ids.repeat_interleave(answers.shape[0] // input_ids.shape[0], dim=0).to(answers.device)
+    if torch.is_tensor(output):
+        return torch.cat([prompt, output], dim=1)
+    output.sequences = torch.cat([prompt, output.sequences], dim=1)
+    if output.history is not None:
+        output.history = tuple(torch.cat([prompt, step], dim=1) for step in output.history)
+    return output
 
 
 def _image_sizes(image_sizes) -> list[tuple[int, int]]:

@@ -1,0 +1,114 @@
+"""LLaDA-V generation: the text model's sampler from merged prompt embeddings, equal to the official sampler."""
+
+import pytest
+import torch
+from transformers import AutoModel
+
+import reference_llada_v as ref
+from llada_v_helpers import (
+    BOS_ID,
+    CROP,
+    END_HEADER_ID,
+    EOS_ID,
+    MASK_ID,
+    START_HEADER_ID,
+    TOWER_CONFIG,
+    official_config,
+    official_pinpoints_wh,
+    tiny_processor,
+    write_official_checkpoint,
+)
+from test_llada_v import _chat_inputs, _image, _official_ids
+
+
+OFFICIAL_SUPPRESSIONS = [EOS_ID, BOS_ID, START_HEADER_ID, END_HEADER_ID]  # the official ids, in the tiny vocabulary
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("official")
+    _, state = write_official_checkpoint(folder)
+    return state, AutoModel.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor()
+
+
+def _official_answer(state, images, input_ids, **settings):
+    feats = ref.image_features(state, TOWER_CONFIG, images, official_pinpoints_wh(), CROP, 4) if images else []
+    embeds = ref.merged_embeddings(state, _official_ids(input_ids), feats)[None]
+    lm_cfg = official_config()
+    return ref.generate_with_embeds(lambda e: ref.lm_logits(state, lm_cfg, e), state["model.embed_tokens.weight"],
+                                    embeds, MASK_ID, OFFICIAL_SUPPRESSIONS, **settings)
+
+
+def test_default_generation_settings(official):
+    _, model = official
+    assert model.generation_config.mask_token_id == MASK_ID and model.generation_config.eos_token_id == EOS_ID
+    assert model.generation_config.suppress_tokens == [EOS_ID, BOS_ID]  # not LLaDA's vocabulary: its own eos, bos
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(steps=16, gen_length=16, block_length=16),  # the official demo's shape: one block, one token a step
+        dict(steps=8, gen_length=16, block_length=4),  # semi-autoregressive, two tokens a step
+        dict(steps=8, gen_length=8, block_length=8, cfg_scale=1.5),
+    ],
+)
+def test_generate_equals_the_official_sampler(official, processor, settings):
+    state, model = official
+    image = _image(70, 40)
+    inputs = _chat_inputs(processor, [image], "What is in the image?")
+    out = model.generate(**inputs, max_new_tokens=settings["gen_length"], steps=settings["steps"],
+                         block_length=settings["block_length"], cfg_scale=settings.get("cfg_scale", 0.0),
+                         suppress_tokens=OFFICIAL_SUPPRESSIONS)
+    prompt_length = inputs["input_ids"].shape[1]
+    assert torch.equal(out[:, :prompt_length], inputs["input_ids"])
+    expected = _official_answer(state, [image], inputs["input_ids"][0], **settings)
+    assert torch.equal(out[:, prompt_length:], expected)
+    assert not set(out[0, prompt_length:].tolist()) & set(OFFICIAL_SUPPRESSIONS)
+
+
+def test_text_only_prompts_generate_as_the_official_sampler(official, processor):
+    state, model = official
+    inputs = processor(text=["a picture of a cat"], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=8, steps=8, block_length=8, suppress_tokens=OFFICIAL_SUPPRESSIONS)
+    expected = _official_answer(state, [], inputs["input_ids"][0], steps=8, gen_length=8, block_length=8)
+    assert torch.equal(out[:, inputs["input_ids"].shape[1]:], expected)
+
+
+def test_batch_rows_equal_rows_alone(official, processor):
+    _, model = official
+    images = [_image(84, 50, seed=1), _image(20, 16, seed=2)]
+    questions = ["What is in the image?", "a cat?"]
+    prompts = [
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                      add_generation_prompt=True)
+        for q in questions
+    ]
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=[[images[0]], [images[1]]], text=prompts, padding=True, return_tensors="pt")
+    settings = dict(max_new_tokens=8, steps=8, block_length=4)
+    answers = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1]:]
+    for row, (image, question) in enumerate(zip(images, questions)):
+        alone = _chat_inputs(processor, [image], question)
+        assert torch.equal(answers[row], model.generate(**alone, **settings)[0, alone["input_ids"].shape[1]:])
+
+
+def test_the_vision_tower_runs_once_per_request_and_the_options_plug_in(official, processor):
+    _, model = official
+    calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        inputs = _chat_inputs(processor, [_image(60, 45), _image(20, 70)], "Which is larger?")  # two images
+        out = model.generate(**inputs, max_new_tokens=8, steps=8, block_length=4, kv_cache="dual",
+                             confidence_threshold=0.9, return_dict_in_generate=True, output_history=True)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    assert out.sequences.shape == (1, inputs["input_ids"].shape[1] + 8)
+    assert all(step.shape == out.sequences.shape for step in out.history)
+    assert not bool((out.sequences == MASK_ID).any())
