@@ -112,3 +112,19 @@ def test_the_vision_tower_runs_once_per_request_and_the_options_plug_in(official
     assert out.sequences.shape == (1, inputs["input_ids"].shape[1] + 8)
     assert all(step.shape == out.sequences.shape for step in out.history)
     assert not bool((out.sequences == MASK_ID).any())
+
+
+def test_image_text_to_text_pipeline(official, processor):
+    from transformers import pipeline
+
+    _, model = official
+    image = _image(70, 40)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "What is in the image?"}]}]
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    settings = dict(max_new_tokens=8, steps=8, block_length=4)
+    [result] = pipe(text=messages, generate_kwargs=settings)
+    inputs = _chat_inputs(processor, [image], "What is in the image?")
+    answer = model.generate(**inputs, **settings)[0, inputs["input_ids"].shape[1]:]
+    assert result["generated_text"][-1] == {"role": "assistant", "content": processor.decode(answer,
+                                                                                            skip_special_tokens=True)}
