@@ -257,3 +257,13 @@ def test_options_table_builds_the_config():
         assert option.help
     with pytest.raises(ValueError, match="`kv_cache`"):
         DiffusionGenerationConfig(kv_cache="triple")
+
+
+def test_readme_tables_list_every_option_and_field():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for option in DIFFUSION_OPTIONS:
+        assert f"| `{option.name}` | `{option.default!r}` | {option.help} |" in readme, option.name
+    for name in list(HONOURED_FIELDS) + list(REFUSED_FIELDS):
+        assert f"`{name}`" in readme, name
