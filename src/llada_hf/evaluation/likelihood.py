@@ -318,15 +318,32 @@ def _draw_group_masks(
     """One group's masks over its answer: (is_masked [rows, L] bool, counts [rows])."""
     k = int(torch.randint(1, answer_length + 1, (), generator=generator))
     counts = official_mask_counts(answer_length, rows, k)  # [rows]
+    return random_masks_with_counts(counts, answer_length, generator, balanced), counts
+
+
+def random_masks_with_counts(
+    counts: torch.Tensor, answer_length: int, generator: torch.Generator | None = None, balanced: bool = False
+) -> torch.Tensor:
+    """Masks over an answer of `answer_length` tokens, [rows, L] bool: row j masks `counts[j]` positions, a
+    uniformly random subset of that size (also with `balanced=True`, where the rows share one random order and
+    mask consecutive cyclic windows of it, so every position is masked about equally often).
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from llada_hf.evaluation.likelihood import random_masks_with_counts
+        >>> masks = random_masks_with_counts(torch.tensor([1, 3]), 4, torch.Generator().manual_seed(0))
+        >>> masks.sum(dim=1).tolist()
+        [1, 3]
+        ```
+    """
     if balanced:
         # One shared random order; row j masks the cyclic window that starts where row j-1's ended.
         order = torch.rand(1, answer_length, generator=generator).argsort(dim=1).argsort(dim=1)  # [1, L] ranks
         starts = (torch.cumsum(counts, 0) - counts) % answer_length  # [rows]
-        is_masked = (order - starts[:, None]) % answer_length < counts[:, None]  # [rows, L]
-    else:
-        ranks = torch.rand(rows, answer_length, generator=generator).argsort(dim=1).argsort(dim=1)  # [rows, L]
-        is_masked = ranks < counts[:, None]
-    return is_masked, counts
+        return (order - starts[:, None]) % answer_length < counts[:, None]  # [rows, L]
+    ranks = torch.rand(len(counts), answer_length, generator=generator).argsort(dim=1).argsort(dim=1)  # [rows, L]
+    return ranks < counts[:, None]
 
 
 def _chunk_row_losses(
@@ -358,14 +375,42 @@ def _chunk_row_losses(
         model, input_ids.to(device), attention_mask.to(device), prompt_positions.to(device), width, cfg_scale
     )  # [R, A, V]
 
-    masked_rows = is_masked.nonzero()[:, 0]  # row of every masked token
-    token_losses = F.cross_entropy(
-        logits[is_masked.to(device)].float(), targets[is_masked].to(device), reduction="none"
-    ).double().cpu()  # [masked tokens]
-    summed = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, masked_rows, token_losses)  # [R]
     lengths = torch.tensor([len(pair.answer) for pair in rows], dtype=torch.float64)
-    row_losses = lengths / counts * summed  # [R]
+    row_losses = masked_row_losses(logits, targets, is_masked, lengths / counts)  # [R], float64 on the CPU
     return list(row_losses.split([group.rows for group in chunk]))
+
+
+def masked_row_losses(
+    logits: torch.Tensor, targets: torch.Tensor, is_masked: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """`weights[r]` times the summed cross-entropy of row r's masked slots: the ELBO row losses when
+    `weights` = L / l (answer length over masked count). [R], in the dtype and on the device of `weights`.
+
+    The cross-entropy is computed in float32 on the logits' device and is differentiable: the evaluation sums it
+    in float64 on the CPU, the preference trainer (`DiffusionDPOTrainer`) keeps it on the device with gradients.
+
+    Args:
+        logits: `[R, A, V]` logits of the answer slots.
+        targets: `[R, A]` the original tokens.
+        is_masked: `[R, A]` bool, the masked slots that are scored.
+        weights: `[R]` weight of each row.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from llada_hf.evaluation.likelihood import masked_row_losses
+        >>> logits = torch.zeros(1, 2, 4)  # uniform predictions: each masked token costs log 4
+        >>> scored = torch.tensor([[True, False]])
+        >>> losses = masked_row_losses(logits, torch.tensor([[1, 2]]), scored, weights=torch.tensor([2.0]))
+        >>> round(losses.item(), 4)  # 2 * log 4
+        2.7726
+        ```
+    """
+    selected = is_masked.to(logits.device)
+    token_losses = F.cross_entropy(logits[selected].float(), targets.to(logits.device)[selected], reduction="none")
+    masked_rows = is_masked.nonzero()[:, 0].to(weights.device)  # row of every masked token
+    summed = torch.zeros_like(weights).index_add(0, masked_rows, token_losses.to(weights))  # [R]
+    return weights * summed
 
 
 def _left_padded(pairs: list[_Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
