@@ -33,9 +33,12 @@ def saved_model(tmp_path_factory, tokenizer):
 
 
 def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("llada-hf: error:") and len(err.splitlines()) == 1, err
-    return err
+    """The error line, which must end stderr, with no traceback (Python's own warnings may come before it)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and lines and lines[-1].startswith("llada-hf: error:"), err
+    assert sum(line.startswith("llada-hf: error:") for line in lines) == 1, err
+    return lines[-1]
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
