@@ -101,7 +101,7 @@ def project(state, features):
 
 def pack_anyres(state, features, size_wh, pinpoints_wh, crop, max_patches):
     """features [1 + rows * cols, unit², D] -> [tokens, D]."""
-    unit = int(math.isqrt(features.shape[1]))
+    unit = math.isqrt(features.shape[1])
     w_best, h_best = best_resolution(size_wh, pinpoints_wh)
     cols, rows = w_best // crop, h_best // crop
     grid = features[1:].view(rows, cols, unit, unit, -1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 import llada_hf  # noqa: F401  (registers the Auto classes)
 import reference_llada_v as ref
@@ -21,8 +21,8 @@ from llada_v_helpers import (
     CROP,
     IMAGE_ID,
     TOWER_CONFIG,
+    official_config,
     official_pinpoints_wh,
-    official_state_dict,
     tiny_processor,
     write_official_checkpoint,
 )
@@ -54,7 +54,7 @@ def processor():
 
 
 def test_official_config_is_read(tmp_path):
-    _, _, _, _ = write_official_checkpoint(tmp_path), None, None, None
+    write_official_checkpoint(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(config, LladaVConfig) and config.model_type == "llada_v"
     vision, text = config.vision_config, config.text_config
@@ -70,7 +70,7 @@ def test_official_config_is_read(tmp_path):
 
 
 def test_official_defaults_know_the_so400m_tower_without_network():
-    cfg = {k: v for k, v in json.loads(json.dumps(write_official_config_dict())).items()}
+    cfg = official_config()
     cfg["mm_vision_tower"] = "google/siglip2-so400m-patch14-384"
     cfg["image_grid_pinpoints"] = [[w, h] for h, w in OFFICIAL_GRID]  # as saved by the official code: [w, h]
     config = LladaVConfig(**cfg)
@@ -84,12 +84,6 @@ def test_official_defaults_know_the_so400m_tower_without_network():
     assert LladaVConfig(**cfg).image_grid_pinpoints == OFFICIAL_GRID
 
 
-def write_official_config_dict():
-    from llada_v_helpers import official_config
-
-    return official_config()
-
-
 @pytest.mark.parametrize(
     "key,value",
     [
@@ -99,7 +93,7 @@ def write_official_config_dict():
 )  # fmt: skip
 def test_unsupported_official_variants_are_refused_by_name(tmp_path, key, value):
     write_official_checkpoint(tmp_path)
-    cfg = write_official_config_dict() | {key: value}
+    cfg = official_config() | {key: value}
     with open(tmp_path / "config.json", "w") as f:
         json.dump(cfg, f)
     with pytest.raises(ValueError, match=key):
@@ -107,7 +101,7 @@ def test_unsupported_official_variants_are_refused_by_name(tmp_path, key, value)
 
 
 def test_missing_tower_folder_is_named(tmp_path):
-    cfg = write_official_config_dict() | {"mm_vision_tower": "no-such-tower"}
+    cfg = official_config() | {"mm_vision_tower": "no-such-tower"}
     with pytest.raises(ValueError, match="mm_vision_tower"):
         LladaVConfig(**cfg)
 
@@ -217,7 +211,7 @@ def _official_ids(input_ids):
 
 def _reference(state, images_per_row, ids_per_row):
     """Per row: official merged embeddings [L, D] and logits [L, vocab]."""
-    lm_cfg = write_official_config_dict()
+    lm_cfg = official_config()
     out = []
     for images, ids in zip(images_per_row, ids_per_row):
         feats = ref.image_features(state, TOWER_CONFIG, images, official_pinpoints_wh(), CROP, 4) if images else []
