@@ -21,8 +21,6 @@ What changes, because TRL assumes next-token prediction:
   takes no `compute_metrics`, `preprocess_logits_for_metrics` or `compute_loss_func`.
 """
 
-import os
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +45,7 @@ from trl.trainer.utils import get_config_model_id
 from ..tokenization import set_mask_token
 from .collator import DataCollatorForMaskedDiffusion
 from .config import DiffusionSFTConfig, refuse_sequence_sharding
+from .hub import LladaHubMixin
 from .objective import mask_answer_tokens, masked_diffusion_loss, masking_probability, random_length, sample_times
 
 
@@ -114,8 +113,12 @@ def check_dataset_format(dataset: Dataset | IterableDataset, text_field: str, na
     )
 
 
-def check_masked_diffusion_model(model: "str | PreTrainedModel", config: PreTrainedConfig) -> None:
-    """Raise a `TypeError` unless `model` is a masked diffusion model (LLaDA).
+def check_masked_diffusion_model(
+    model: "str | PreTrainedModel", config: PreTrainedConfig, trainer: str = "DiffusionSFTTrainer",
+    causal_trainer: str = "trl.SFTTrainer",
+) -> None:
+    """Raise a `TypeError` unless `model` is a masked diffusion model (LLaDA); the message names `trainer` and the
+    TRL trainer to use for an autoregressive model (`causal_trainer`).
 
     An instance must have the diffusion `generate` (a `DiffusionGenerationMixin` in its class hierarchy; matched by
     name so that a model loaded with `trust_remote_code` from a copy of our bundle counts). An id or path is judged
@@ -131,8 +134,8 @@ def check_masked_diffusion_model(model: "str | PreTrainedModel", config: PreTrai
             return
         found = f"got {type(base).__name__}"
     raise TypeError(
-        f"DiffusionSFTTrainer trains masked diffusion language models (LLaDA, e.g. `LladaForMaskedDiffusion`); "
-        f"{found}. For an autoregressive model use `trl.SFTTrainer`."
+        f"{trainer} trains masked diffusion language models (LLaDA, e.g. `LladaForMaskedDiffusion`); "
+        f"{found}. For an autoregressive model use `{causal_trainer}`."
     )
 
 
@@ -170,19 +173,12 @@ def check_eos_token(tokenizer: PreTrainedTokenizerBase, eos_token: str | None) -
         )
 
 
-LOCAL_OWNER = "your-name"  # the card's repo id when the run is not pushed (its snippet names a repo)
-
-
-def _repo_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:96] or "llada-model"
-
-
 def is_pretraining_batch(batch: dict[str, torch.Tensor]) -> bool:
     """Whether every attended token of the batch is maskable (no prompt), as in pretraining on plain text."""
     return bool(((batch["labels"] != -100) == batch["attention_mask"].bool()).all())
 
 
-class DiffusionSFTTrainer(SFTTrainer):
+class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
     """Supervised fine-tuning and pretraining of masked diffusion language models (LLaDA), the TRL way.
 
     Takes the arguments of [`trl.SFTTrainer`] (a model instance or id, [`DiffusionSFTConfig`], datasets in TRL's
@@ -462,34 +458,6 @@ class DiffusionSFTTrainer(SFTTrainer):
         metrics["answer_tokens"].append(gather(answer_tokens).sum().item())
 
     # ---- Evaluation ----
-
-    # ---- Hub: our model card and the model's code go with every push ----------------------------------
-
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
-        """Write the llada-hf model card (a usage snippet that runs, the training summary) and the model's
-        code into `output_dir`, where `push_to_hub` and `hub_strategy` checkpoint pushes upload from.
-
-        TRL's card would describe a causal LM, and transformers' pushes carry weights and config but not the
-        `trust_remote_code` files a stranger needs.
-        """
-        if not self.is_world_process_zero():
-            return
-        from ..hub_card import add_card_and_code
-
-        repo_id = self.hub_model_id or f"{LOCAL_OWNER}/{_repo_name(model_name or os.path.basename(self.args.output_dir))}"
-        try:
-            add_card_and_code(self.args.output_dir, self.model, repo_id=repo_id, tokenizer=self._tokenizer,
-                              trainer=self, datasets=dataset_name, tags=tags)
-        except ValueError:
-            if self.args.push_to_hub:  # a push would publish a wrong card: say so
-                raise
-            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # Checkpoint pushes copy only weights and config into output_dir: add the card and code first.
-        if self.args.hub_strategy != "end":
-            self.create_model_card()
-        super()._push_from_checkpoint(checkpoint_folder)
 
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
         """`SFTTrainer.evaluate`, with the same noise at every evaluation so that eval losses compare over time."""
