@@ -267,3 +267,22 @@ def test_readme_tables_list_every_option_and_field():
         assert f"| `{option.name}` | `{option.default!r}` | {option.help} |" in readme, option.name
     for name in list(HONOURED_FIELDS) + list(REFUSED_FIELDS):
         assert f"`{name}`" in readme, name
+
+
+def test_every_diffusion_setting_with_a_cli_type_is_a_cli_flag():
+    import argparse
+    from pathlib import Path
+
+    from llada_hf.cli import add_generation_options, generation_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_generation_options(parser)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for option in DIFFUSION_OPTIONS:
+        if option.cli_type is None:
+            continue
+        flag = "--" + option.name.replace("_", "-")
+        assert flag in readme, flag
+        value = {int: ["3"], float: ["0.5"], str: [(option.choices or ("x",))[0]], bool: []}[option.cli_type]
+        args = parser.parse_args([flag, *value])
+        assert option.name in generation_kwargs(args), option.name

@@ -17,30 +17,36 @@ class CliError(Exception):
 # ---- generate and chat ---------------------------------------------------------------------------
 
 
+# transformers' own generation fields offered as flags; the diffusion ones come from DIFFUSION_OPTIONS.
+INHERITED_FLAGS = (("max_new_tokens", int), ("min_new_tokens", int), ("temperature", float), ("top_k", int),
+                   ("top_p", float), ("min_p", float))
+
+
+def generation_flags() -> list[tuple[str, type, tuple | None, str]]:
+    """(name, type, choices, help) of every generation flag: transformers' fields above, then each diffusion
+    setting of `DIFFUSION_OPTIONS` that has a CLI type, so a new option needs no change here."""
+    from .generation_llada import DIFFUSION_OPTIONS, HONOURED_FIELDS
+
+    flags = [(name, kind, None, HONOURED_FIELDS[name][1]) for name, kind in INHERITED_FLAGS]
+    flags += [(option.name, option.cli_type, option.choices, option.help) for option in DIFFUSION_OPTIONS
+              if option.cli_type is not None]
+    return flags
+
+
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation (defaults: the checkpoint's generation_config)")
-    group.add_argument("--max-new-tokens", type=int)
-    group.add_argument("--steps", type=int)
-    group.add_argument("--block-length", type=int)
-    group.add_argument("--remasking", help="low_confidence, random, margin or entropy")
-    group.add_argument("--temperature", type=float)
-    group.add_argument("--top-k", type=int)
-    group.add_argument("--top-p", type=float)
-    group.add_argument("--cfg-scale", type=float)
-    group.add_argument("--kv-cache", choices=["prefix", "dual"])
-    group.add_argument("--confidence-threshold", type=float)
-    group.add_argument("--parallel-factor", type=float)
-    group.add_argument("--early-exit", action="store_true", default=None)
-    group.add_argument("--logits-eos-inf", action="store_true", default=None)
-    group.add_argument("--logits-mask-inf", action="store_true", default=None)
+    for name, kind, choices, help_text in generation_flags():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, choices=choices, help=help_text.replace("%", "%%"))
     group.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto", help=", ".join(DTYPES))
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# Float flags whose value must be a finite number (NaN or inf would decode garbage without an error).
-FLOAT_FLAGS = ("temperature", "top_p", "cfg_scale", "confidence_threshold", "parallel_factor")
 
 
 def check_generation_args(args: argparse.Namespace) -> None:
@@ -48,7 +54,7 @@ def check_generation_args(args: argparse.Namespace) -> None:
     device this machine does not have. Fills in the default device."""
     import torch
 
-    for name in FLOAT_FLAGS:
+    for name in (name for name, kind, _, _ in generation_flags() if kind is float):
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise CliError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
@@ -68,9 +74,7 @@ def _has_accelerator(device_type: str) -> bool:
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
-    names = ("max_new_tokens", "steps", "block_length", "remasking", "temperature", "top_k", "top_p", "cfg_scale",
-             "kv_cache", "confidence_threshold", "parallel_factor", "early_exit", "logits_eos_inf",
-             "logits_mask_inf")
+    names = [name for name, _, _, _ in generation_flags()]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -124,6 +124,7 @@ class GenerationOption:
     check: Callable[[Any], str | None]
     help: str
     cli_type: type | None = None  # None: not a CLI flag (ids, objects)
+    choices: tuple | None = None  # for the CLI flag
 
 
 KV_CACHE_MODES = (None, "prefix", "dual")
@@ -144,11 +145,12 @@ DIFFUSION_OPTIONS: tuple[GenerationOption, ...] = (
     GenerationOption("confidence_eos_eot_inf", False, _boolean,
                      "commit EOS/EoT candidates only when nothing else is left in the block", bool),
     GenerationOption("score_dtype", None, _one_of(*SCORE_DTYPES),
-                     "dtype of the low-confidence score (default: the logits' own, as the official sampler)", str),
+                     "dtype of the low-confidence score (default: the logits' own, as the official sampler)", str,
+                     SCORE_DTYPES[1:]),
     GenerationOption("early_exit", False, _boolean,
                      "stop a row once its answer is decided up to an EOS (the rest is filled with EOS)", bool),
     GenerationOption("kv_cache", None, _one_of(*KV_CACHE_MODES),
-                     "Fast-dLLM key/value cache: prefix or dual (default: none)", str),
+                     "Fast-dLLM key/value cache: prefix or dual (default: none)", str, KV_CACHE_MODES[1:]),
     GenerationOption("confidence_threshold", None, _in_unit_interval,
                      "parallel decoding: also commit every candidate whose score reaches tau", float),
     GenerationOption("parallel_factor", None, _positive_finite,
