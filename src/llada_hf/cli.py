@@ -1,4 +1,4 @@
-"""The `llada-hf` command: demo, generate, chat, train, eval, publish.
+"""The `llada-hf` command: demo, generate, chat, train, eval, publish, export.
 
 Every subcommand has `--help`. Errors are one line on stderr with what to change, and a non-zero exit code.
 """
@@ -323,6 +323,17 @@ def cmd_publish(args: argparse.Namespace) -> None:
     print(result.commit_url or "dry run: nothing was uploaded")
 
 
+# ---- export --------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_checkpoint
+
+    check_model_path(args.model)
+    print(export_checkpoint(args.model, args.output, format=args.format, dtype=args.dtype, overwrite=args.overwrite,
+                            ship_bundle=args.ship_bundle, tokenizer_pre=args.tokenizer_pre, code_repo=args.code_repo))
+
+
 # ---- demo ----------------------------------------------------------------------------------------
 
 
@@ -372,6 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--dry-run", action="store_true", help="list the files and render the card; upload nothing")
     publish.add_argument("--base-model", help="Hub id of the base model (for adapters and fine-tunes)")
     publish.set_defaults(func=cmd_publish)
+
+    export = sub.add_parser("export", help="write the official GSAI-ML layout or a GGUF file (llama.cpp)")
+    export.add_argument("model", help="a saved model folder (or LoRA adapter folder, merged into its base)")
+    export.add_argument("output", help="the folder (--format official) or file, e.g. model.gguf (--format gguf)")
+    export.add_argument("--format", required=True, choices=["official", "gguf"])
+    export.add_argument("--dtype", choices=["f16", "f32", "q8_0"], help="gguf: weight type (default f16)")
+    export.add_argument("--tokenizer-pre", help="gguf: llama.cpp's pre-tokenizer name, when it cannot be detected")
+    export.add_argument("--ship-bundle", action="store_true",
+                        help="official: auto_map points at llada-hf's code, copied beside the weights")
+    export.add_argument("--code-repo", help="official: Hub repo of the official code (GSAI-ML/LLaDA-8B-Instruct)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.set_defaults(func=cmd_export)
 
     train = sub.add_parser("train", help="fine-tune with DiffusionSFTTrainer (flags: DiffusionSFTConfig fields)",
                            add_help=False)

@@ -52,8 +52,8 @@ def export_checkpoint(
                            overwrite=overwrite)
     from .official import OFFICIAL_CODE_REPO, export_official
 
-    return export_official(model, output, tokenizer, ship_bundle=ship_bundle, code_repo=code_repo or OFFICIAL_CODE_REPO,
-                           overwrite=overwrite)
+    return export_official(model, output, tokenizer, ship_bundle=ship_bundle,
+                           code_repo=code_repo or OFFICIAL_CODE_REPO, overwrite=overwrite)
 
 
 def load_for_export(model_path: str | Path):

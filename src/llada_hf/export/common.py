@@ -77,7 +77,9 @@ def check_output(path: Path, *, overwrite: bool, folder: bool) -> None:
     if path.is_dir() and not any(path.iterdir()):
         return
     if not overwrite:
-        raise FileExistsError(f"{path} already exists and is not empty; pass --overwrite (overwrite=True) to replace it.")
+        raise FileExistsError(
+            f"{path} already exists and is not empty; pass --overwrite (overwrite=True) to replace it."
+        )
 
 
 @contextmanager

@@ -160,7 +160,7 @@ def add_model_metadata(writer: gguf.GGUFWriter, model, file_type: gguf.LlamaFile
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_causal_attention(False)  # bidirectional: the whole difference from Llama
-    writer.add_diffusion_shift_logits(False)  # position i predicts its own token (llama-diffusion-cli's default: shift)
+    writer.add_diffusion_shift_logits(False)  # position i predicts its own token (without the key: shifted)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
