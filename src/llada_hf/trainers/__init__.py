@@ -1,4 +1,6 @@
-"""Training masked diffusion language models with TRL: `DiffusionSFTConfig` and `DiffusionSFTTrainer`.
+"""Training masked diffusion language models with TRL: `DiffusionSFTConfig` and `DiffusionSFTTrainer`; preference
+optimisation with `DiffusionDPOConfig` / `DiffusionDPOTrainer` (VRPO) and RL with `DiffusionGRPOConfig` /
+`DiffusionGRPOTrainer` (diffu-GRPO).
 
 ```python
 from llada_hf.trainers import DiffusionSFTConfig, DiffusionSFTTrainer
@@ -15,6 +17,7 @@ trainer.train()
 
 from .collator import DataCollatorForMaskedDiffusion
 from .config import DiffusionSFTConfig
+from .dpo import DiffusionDPOConfig, DiffusionDPOTrainer
 from .objective import mask_answer_tokens, masked_diffusion_loss, masking_probability, sample_times
 from .sft import DiffusionSFTTrainer
 
@@ -22,6 +25,8 @@ from .sft import DiffusionSFTTrainer
 __all__ = [
     "DiffusionSFTConfig",
     "DiffusionSFTTrainer",
+    "DiffusionDPOConfig",
+    "DiffusionDPOTrainer",
     "DataCollatorForMaskedDiffusion",
     "sample_times",
     "masking_probability",
