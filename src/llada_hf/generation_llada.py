@@ -291,8 +291,13 @@ class DiffusionGenerationConfig(GenerationConfig):
 
     @classmethod
     def from_model_config(cls, model_config) -> "DiffusionGenerationConfig":
-        """Take the token ids from the model config; everything else keeps the sampler's defaults."""
-        config_dict = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        """Take the token ids from the model config (a vision-language model's text config: `get_text_config()`, or
+        the `text_config` of a config dict); everything else keeps the sampler's defaults."""
+        if isinstance(model_config, dict):
+            text_config = model_config.get("text_config") or model_config
+        else:
+            text_config = model_config.get_text_config()
+        config_dict = text_config if isinstance(text_config, dict) else text_config.to_dict()
         ids = ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
         return cls(**{key: config_dict[key] for key in ids if config_dict.get(key) is not None})
 

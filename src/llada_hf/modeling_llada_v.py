@@ -20,6 +20,7 @@ from transformers.core_model_loading import WeightRenaming
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionMultiModalProjector
 from transformers.models.siglip.modeling_siglip import SiglipVisionModel
 
+from .configuration_llada import LladaConfig
 from .configuration_llada_v import (
     LladaVConfig,
     anyres_grid,
@@ -266,12 +267,13 @@ class LladaVForConditionalGeneration(LladaVPreTrainedModel, LladaForMaskedDiffus
         self.model = LladaVModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-        fill_generation_defaults(self.generation_config, config)
+        fill_suppress_tokens(self.generation_config, config.text_config)
 
     def adjust_generation_fn(self, *args, **kwargs):
-        """As the text model (generation_config.json, else defaults), then LLaDA-V's defaults for unset fields."""
+        """As the text model (generation_config.json, else defaults with the text config's token ids), then the
+        official suppressions when `suppress_tokens` is unset."""
         super().adjust_generation_fn(*args, **kwargs)
-        fill_generation_defaults(self.generation_config, self.config)
+        fill_suppress_tokens(self.generation_config, self.config.text_config)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -373,15 +375,12 @@ class LladaVForConditionalGeneration(LladaVPreTrainedModel, LladaForMaskedDiffus
             copy_bundle_files(save_directory, VISION_BUNDLE_FILES)
 
 
-def fill_generation_defaults(generation_config, config: LladaVConfig) -> None:
-    """Unset token ids come from the language model's config; unset `suppress_tokens` become the official
-    sampler's suppressions (`OFFICIAL_SUPPRESS_TOKENS` with LLaDA's tokenizer, else the model's eos and bos)."""
+def fill_suppress_tokens(generation_config, text: LladaConfig) -> None:
+    """Unset `suppress_tokens` become the official sampler's suppressions (`OFFICIAL_SUPPRESS_TOKENS` with LLaDA's
+    tokenizer, else the model's eos and bos). The token ids come from the text config already
+    (`DiffusionGenerationConfig.from_model_config`)."""
     if generation_config is None:
         return
-    text = config.text_config
-    for key in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id"):
-        if getattr(generation_config, key, None) is None:
-            setattr(generation_config, key, getattr(text, key, None))
     if generation_config.suppress_tokens is None:
         official = text.vocab_size >= LLADA_TOKENIZER_SIZE
         own = [t for t in (text.eos_token_id, text.bos_token_id) if isinstance(t, int) and 0 <= t < text.vocab_size]
