@@ -135,3 +135,49 @@ def test_eager_and_sdpa_caches_agree():
         outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=8, steps=8, block_length=4,
                                    kv_cache="dual"))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_entropy_bound_commits_more_per_step_and_a_tiny_bound_is_the_baseline(model):
+    ids, mask = left_padded_batch(ROWS)
+    settings = dict(max_new_tokens=16, steps=16, block_length=8, return_dict_in_generate=True)
+    base = model.generate(ids, attention_mask=mask, **settings)
+    tiny = model.generate(ids, attention_mask=mask, entropy_bound=1e-12, **settings)
+    assert torch.equal(tiny.sequences, base.sequences) and tiny.nfe == 16
+    loose = model.generate(ids, attention_mask=mask, entropy_bound=20.0, **settings)
+    assert loose.nfe < 16 and loose.commit_step.ge(0).all()
+
+
+def test_a_bounded_canvas_runs_only_the_block_and_its_tail(model):
+    ids, mask = left_padded_batch(ROWS)
+    settings = dict(max_new_tokens=16, steps=16, block_length=4)
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(
+        (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]),
+        with_kwargs=True)
+    try:
+        whole = model.generate(ids, attention_mask=mask, canvas_tail=100, **settings)
+        assert set(widths) == {ids.shape[1] + 16}
+        widths.clear()
+        bounded = model.generate(ids, attention_mask=mask, canvas_tail=2, kv_cache="dual", logits_mask_inf=True,
+                                 **settings)
+    finally:
+        hook.remove()
+    assert torch.equal(whole, model.generate(ids, attention_mask=mask, **settings))
+    assert widths[0] == ids.shape[1] + 6  # the prompt, the first block and 2 positions of its tail
+    assert widths[:4] == [ids.shape[1] + 6, 4, 4, 4]  # then the dual cache runs the block alone
+    assert not (bounded == MASK_ID).any()
+
+
+def test_the_forward_compiles_with_a_diffusion_cache(model):
+    x, mask = _masked_sequence()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        cache = DiffusionCache("dual")
+        cache.start_refill(torch.arange(3))
+        cache.set_query_start(0)
+        compiled(x, attention_mask=mask, cache=cache)
+        start = x.shape[1] - 12
+        cache.set_query_start(start)
+        partial = compiled(x[:, start:start + 4], attention_mask=mask, cache=cache).logits
+        full = model(x, attention_mask=mask).logits
+    torch.testing.assert_close(partial, full[:, start:start + 4], atol=1e-5, rtol=1e-5)

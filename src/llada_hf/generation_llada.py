@@ -156,6 +156,11 @@ DIFFUSION_OPTIONS: tuple[GenerationOption, ...] = (
     GenerationOption("parallel_factor", None, _positive_finite,
                      "parallel decoding: commit the leading run of sorted scores with c_n >= 1 - f / (n + 1)",
                      float),
+    GenerationOption("entropy_bound", None, _positive_finite,
+                     "parallel decoding (EB-sampler): commit the best candidates while their summed entropy minus "
+                     "the largest stays <= bound", float),
+    GenerationOption("canvas_tail", None, _count,
+                     "run only the block and this many positions after it (a bounded canvas; default: all)", int),
     GenerationOption("allow_beyond_context", False, _boolean,
                      "warn instead of refusing when prompt + answer exceed max_position_embeddings", bool),
     GenerationOption("output_history", False, _boolean,
@@ -727,25 +732,36 @@ def _sampling_warpers(config: DiffusionGenerationConfig, device: torch.device) -
     return warpers
 
 
-def _parallel_count(scores, scheduled, threshold, factor) -> torch.LongTensor:
-    """Tokens to commit per row: the schedule, raised by threshold or factor parallel decoding.
+def _parallel_count(scores, scheduled, config: DiffusionGenerationConfig, logits=None) -> torch.LongTensor:
+    """Tokens to commit per row: the schedule, raised by parallel decoding.
 
-    threshold: every eligible score >= threshold counts. factor (Fast-dLLM's rule): with scores sorted
-    c1 >= c2 >= ..., the leading run with c_n >= 1 - factor / (n + 1) counts. The schedule is the floor,
-    so a block always finishes within its steps, and at least the most confident token is committed.
+    `confidence_threshold` tau: every eligible score >= tau counts. `parallel_factor` f (Fast-dLLM's rule): with
+    scores sorted c1 >= c2 >= ..., the leading run with c_n >= 1 - f / (n + 1) counts. `entropy_bound` gamma
+    (the EB-sampler, as in transformers' DiffusionGemma): in the same order, the leading run whose entropies
+    H_1..H_n satisfy sum(H) - max(H) <= gamma counts (it needs the `logits`). The schedule is the floor, so a
+    block always finishes within its steps, and at least the most confident token is committed.
     """
     count = scheduled
+    threshold, factor, bound = config.confidence_threshold, config.parallel_factor, config.entropy_bound
     if threshold is not None:
         count = torch.maximum(count, (scores >= threshold).sum(1))
+    if factor is None and bound is None:
+        return count.clamp(min=1) if threshold is not None else count
+    order = scores.argsort(dim=1, descending=True, stable=True)  # [R, W], the commit order
     if factor is not None:
-        ranked = scores.sort(dim=1, descending=True).values  # [R, W]
+        ranked = scores.gather(1, order).to(torch.float64)
         n = torch.arange(1, ranked.shape[1] + 1, device=scores.device, dtype=torch.float64)
-        passes = ranked >= 1 - factor / (n + 1)
-        run = passes.long().cumprod(1).sum(1)  # length of the leading run that passes
-        count = torch.maximum(count, run)
-    if threshold is not None or factor is not None:
-        count = count.clamp(min=1)
-    return count
+        count = torch.maximum(count, _leading_run(ranked >= 1 - factor / (n + 1)))
+    if bound is not None:
+        log_probs = F.log_softmax(logits.to(torch.float64), dim=-1)
+        entropy = -(log_probs.exp() * log_probs).nan_to_num().sum(-1).gather(1, order)  # [R, W]
+        count = torch.maximum(count, _leading_run(entropy.cumsum(1) - entropy.cummax(1).values <= bound))
+    return count.clamp(min=1)
+
+
+def _leading_run(passes: torch.Tensor) -> torch.LongTensor:
+    """[R, W] booleans -> [R] length of each row's leading run of True."""
+    return passes.long().cumprod(1).sum(1)
 
 
 def _top_k_per_row(scores: torch.Tensor, k: torch.LongTensor, eligible: torch.Tensor, offset: int,
@@ -873,12 +889,14 @@ class DiffusionDecodingState:
         window_start = int((self.x[rows, : block.end] == self.mask_id).any(0).nonzero()[0])  # first mask of any row
         guided = self.config.cfg_scale > 0
         length = self.x.shape[1]
+        if self.config.canvas_tail is not None:  # a bounded canvas: masks far beyond the block are left out
+            length = min(length, block.end + self.config.canvas_tail)
         batch_rows = torch.cat([rows, rows + self.x.shape[0]]) if guided else rows  # CFG copies: rows of their own
         start, end = 0, length
         if self.cache is not None:
             start, end = self.cache.query_range(batch_rows, window_start=window_start, block=block,
                                                 refresh=self.block_step == 0, length=length)
-        mask = self.attention_mask[rows] if self.attention_mask is not None else None
+        mask = self.attention_mask[rows, :length] if self.attention_mask is not None else None
         if guided and mask is not None:
             mask = torch.cat([mask, mask])
         return ForwardRequest(rows=rows, window_start=window_start, window_end=block.end, query_start=start,
@@ -905,8 +923,7 @@ class DiffusionDecodingState:
         eligible = self.x[rows, window_start : block.end] == self.mask_id
         scores = self._scores(logits, candidates, eligible)
         # 7. Commit the scheduled number of best candidates per row (more with parallel decoding)
-        count = _parallel_count(scores, self.schedule[rows, self.block_step], self.config.confidence_threshold,
-                                self.config.parallel_factor)
+        count = _parallel_count(scores, self.schedule[rows, self.block_step], self.config, logits)
         chosen = _top_k_per_row(scores, count, eligible, window_start, self.x.shape[1])
         window = slice(window_start, block.end)
         self.x[rows, window] = torch.where(chosen, candidates, self.x[rows, window])
