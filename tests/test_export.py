@@ -49,7 +49,7 @@ def test_export_equals_an_official_checkpoint_in_names_shapes_values_and_config(
         assert torch.equal(state[name], tensor), name
     expected = official_config(kind)
     assert config.keys() == expected.keys()
-    # vocab_size is the embedding's rows (llama.cpp's converter sizes its vocabulary by it); auto_map points at Hub code
+    # vocab_size is the embedding rows (llama.cpp's converter sizes its vocabulary by it); auto_map names Hub code
     different = {key for key in expected if config[key] != expected[key]}
     assert different == {"vocab_size", "auto_map"}
     assert config["vocab_size"] == config["embedding_size"] == expected["embedding_size"]

@@ -18,6 +18,7 @@ The facts come from llama.cpp (ggml-org/llama.cpp): its converter's `LLaDAModel`
 
 import json
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 import gguf
@@ -76,8 +77,9 @@ def export_gguf(
     pre = tokenizer_pre or llama_cpp_pre_tokenizer(tokenizer)
     file_type, weight_type = GGUF_DTYPES[dtype]
     output_file = Path(output_file)
-    with written_at_once(output_file, overwrite=overwrite, folder=False) as staging:
-        writer = gguf.GGUFWriter(path=None, arch=ARCHITECTURE)
+    # The writer is closed (its file complete) before the staged file replaces `output_file`.
+    with (written_at_once(output_file, overwrite=overwrite, folder=False) as staging,
+          closing(gguf.GGUFWriter(path=None, arch=ARCHITECTURE)) as writer):
         add_model_metadata(writer, model, file_type)
         add_vocabulary(writer, tokenizer, model.config, pre)
         for name, data, tensor_type in gguf_tensors(model, weight_type):
@@ -85,7 +87,6 @@ def export_gguf(
         writer.write_header_to_file(path=staging)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
     return output_file
 
 
