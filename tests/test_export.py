@@ -222,3 +222,11 @@ def test_cli_merges_a_lora_adapter_folder(saved, tmp_path, text_model):
     expected = logits(peft_model.merge_and_unload().eval(), ids)
     assert torch.equal(logits(LladaForMaskedDiffusion.from_pretrained(out).eval(), ids), expected)
     assert (out / "tokenizer.json").is_file()  # the base model's tokenizer
+
+
+def test_export_has_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert all(flag in help_text for flag in ("--format", "--dtype", "--overwrite", "--ship-bundle"))

@@ -189,7 +189,8 @@ def test_dequantised_tensors_equal_the_weights(tmp_path, variant_model, text_tok
 
 
 def test_q_and_k_rows_match_ggml_rotary_layout(variant_model):
-    # ggml's rotary embedding (llama.cpp's kind for LLaDA) rotates the pair (2i, 2i + 1) by position * theta_i;
+    # llama.cpp gives LLaDA LLAMA_ROPE_TYPE_NORM (src/llama-model.cpp, llama_model_rope_type): ggml's rotary
+    # embedding then rotates the pair (2i, 2i + 1) by position * theta_i;
     # ours rotates (i, i + head_dim / 2). The permuted projection, roped the ggml way, must equal our roped
     # projection with its rows permuted the same way.
     config = variant_model.config
