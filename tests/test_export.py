@@ -148,6 +148,12 @@ def test_configs_without_an_official_equivalent_are_refused_by_name(tmp_path, ov
     assert not (tmp_path / "out").exists()
 
 
+def test_only_the_text_model_is_exported(tmp_path):
+    with pytest.raises(TypeError, match="LladaForMaskedDiffusion"):
+        export_official(torch.nn.Linear(2, 2), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_is_refused_unless_overwrite(tmp_path, tiny_llada):
     out = tmp_path / "out"
     out.mkdir()
