@@ -1,6 +1,7 @@
 """GGUF export: the file reads back with `gguf`'s reader, carries what llama.cpp's LLaDA converter writes (the fixture
 below, taken from llama.cpp's source), dequantises to the model's weights, and refuses bad input."""
 
+import copy
 import json
 import os
 
@@ -235,7 +236,7 @@ def test_bad_input_is_refused_with_what_to_change(tmp_path, text_model, text_tok
 def test_a_tokenizer_whose_pre_tokenizer_cannot_be_named_needs_tokenizer_pre(tmp_path, text_model, text_tokenizer):
     from tokenizers import pre_tokenizers
 
-    tokenizer = __import__("copy").deepcopy(text_tokenizer)
+    tokenizer = copy.deepcopy(text_tokenizer)
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(ValueError, match="tokenizer_pre"):
         export_gguf(text_model, tokenizer, tmp_path / "model.gguf")

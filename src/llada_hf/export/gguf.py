@@ -64,8 +64,8 @@ def export_gguf(
         >>> config = LladaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         ...                      **model_token_ids(tokenizer))
         >>> path = export_gguf(LladaForMaskedDiffusion(config), tokenizer, tempfile.mkdtemp() + "/tiny.gguf")
-        >>> gguf_reader = __import__("gguf").GGUFReader(path)
-        >>> gguf_reader.fields["general.architecture"].contents()
+        >>> import gguf
+        >>> gguf.GGUFReader(path).fields["general.architecture"].contents()
         'llada'
         ```
     """
