@@ -130,7 +130,8 @@ def export_official(
         >>> from llada_hf import LladaConfig, LladaForMaskedDiffusion
         >>> from llada_hf.export import export_official
         >>> config = LladaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        ...                      num_attention_heads=4, mask_token_id=63, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        ...                      num_attention_heads=4, mask_token_id=63, pad_token_id=0, eos_token_id=1,
+        ...                      bos_token_id=2)
         >>> folder = export_official(LladaForMaskedDiffusion(config), tempfile.mkdtemp() + "/official")
         >>> sorted(p.name for p in folder.iterdir())
         ['config.json', 'generation_config.json', 'model.safetensors']
