@@ -49,6 +49,10 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def add_image_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--image", action="append", metavar="PATH", help=help_text)
+
+
 def check_generation_args(args: argparse.Namespace) -> None:
     """Refuse, in one line, what `generate` would fail on deep inside: non-finite numbers, an unknown dtype, a
     device this machine does not have. Fills in the default device."""
@@ -87,18 +91,101 @@ def check_model_path(path: str) -> None:
         raise CliError(f"{path!r} is not a local folder and HF_HUB_OFFLINE=1; pass the path of a saved model.")
 
 
-def load_model_and_tokenizer(path: str, dtype: str, device: str):
+def load_model_and_processor(path: str, dtype: str, device: str, with_images: bool = False):
+    """The model and what prepares its inputs: a text model's tokenizer, or a vision model's (config model type
+    `llada_v`) processor. A text model asked to take images is refused before its weights are read."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     import llada_hf  # noqa: F401  (registers the Auto classes)
+    from .configuration_llada_v import LladaVConfig
 
     check_model_path(path)
+    model_type = AutoConfig.from_pretrained(path).model_type
+    vision = model_type == LladaVConfig.model_type
+    if with_images and not vision:
+        raise CliError(f"{path} is a text model (model_type {model_type!r}); --image needs a LLaDA-V model "
+                       "(model_type 'llada_v').")
+    processor = load_vision_processor(path) if vision else AutoTokenizer.from_pretrained(path)
+    text_tokenizer(processor).padding_side = "left"
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
     model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    return model, tokenizer
+    return model, processor
+
+
+def load_vision_processor(path: str):
+    """The folder's `AutoProcessor`; for a folder without one (the official checkpoints ship only a tokenizer) the
+    official LLaDA-V preprocessing, sized by the model config (crop size, grid pinpoints, features per crop)."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    from .processing_llada_v import LladaVProcessor, official_image_processor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except OSError:  # no processor_config.json / preprocessor_config.json
+        config = AutoConfig.from_pretrained(path)
+        vision = config.vision_config
+        image_processor = official_image_processor(vision.image_size, config.image_grid_pinpoints)
+        return LladaVProcessor(image_processor, AutoTokenizer.from_pretrained(path),
+                               num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
+                               vision_aspect_ratio=config.vision_aspect_ratio)
+
+
+def is_vision_processor(processor) -> bool:
+    """A processor (images + text) rather than a tokenizer."""
+    from transformers import ProcessorMixin
+
+    return isinstance(processor, ProcessorMixin)
+
+
+def text_tokenizer(processor):
+    """The tokenizer inside a processor, or the tokenizer itself."""
+    return processor.tokenizer if is_vision_processor(processor) else processor
+
+
+def load_images(paths: list[str] | None) -> list:
+    """The `--image` files as RGB-convertible PIL images; a missing or unreadable file is named (before any model
+    is loaded)."""
+    from PIL import Image
+
+    images = []
+    for path in paths or []:
+        if not os.path.isfile(path):
+            raise CliError(f"--image {path!r} does not exist.")
+        try:
+            image = Image.open(path)
+            image.load()
+        except OSError as error:
+            raise CliError(f"--image {path}: not a readable image file ({error}).") from None
+        images.append(image)
+    return images
+
+
+def user_message(text: str, images: list) -> dict:
+    """A user turn: its images first (each becomes `<image>` in the prompt, as in the official LLaDA-V prompt),
+    then the text."""
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*({"type": "image", "image": image} for image in images),
+                                        {"type": "text", "text": text}]}
+
+
+def chat_inputs(processor, conversations: list[list[dict]], device: str) -> dict:
+    """Model inputs for a batch of conversations ending with a user turn: the chat template with the assistant
+    header, tokenized and left-padded; a processor adds the images (`pixel_values`, `image_sizes`, ...)."""
+    if is_vision_processor(processor):
+        return processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True, return_tensors="pt",
+                                             processor_kwargs={"padding": True}).to(device)
+    texts = [processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+             for messages in conversations]
+    return text_inputs(processor, texts, device)
+
+
+def text_inputs(tokenizer, texts: list[str], device: str) -> dict:
+    """`input_ids` and `attention_mask` of the texts as they are, left-padded."""
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
 
 
 class StepProgress:
@@ -133,7 +220,7 @@ def answer_streamer(model, tokenizer, prefix: str = ""):
     from .streaming_llada import TextDiffusionStreamer, end_token_ids
 
     return TextDiffusionStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, prefix=prefix,
-                                 mask_token_id=model.config.mask_token_id,
+                                 mask_token_id=model.config.get_text_config().mask_token_id,
                                  eos_token_ids=end_token_ids(tokenizer, model.generation_config))
 
 
@@ -153,21 +240,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_generation_args(args)
     if (args.stream or args.visualize) and len(args.prompt) != 1 and not args.join:
         raise CliError("--stream and --visualize show one answer: pass a single prompt (or --join the words).")
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device)
+    images = load_images(args.image)
+    model, processor = load_model_and_processor(args.model, args.dtype, args.device, with_images=bool(images))
+    tokenizer = text_tokenizer(processor)
     texts = [" ".join(args.prompt)] if args.join else list(args.prompt)
-    if args.chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                               tokenize=False) for t in texts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
+    if args.chat or is_vision_processor(processor):  # a vision model always takes its chat template
+        inputs = chat_inputs(processor, [[user_message(text, images)] for text in texts], args.device)
+    else:
+        inputs = text_inputs(tokenizer, texts, args.device)
     kwargs = generation_kwargs(args)
     if args.stream:
         streamer = answer_streamer(model, tokenizer)
     else:
         streamer = StepProgress(planned_steps(model, kwargs), quiet=args.quiet)
-    out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, streamer=streamer,
+    out = model.generate(**inputs, streamer=streamer,
                          generator=torch.Generator(device=args.device).manual_seed(args.seed),
                          return_dict_in_generate=True, **kwargs)
-    answers = out.sequences[:, batch.input_ids.shape[1]:]
+    answers = out.sequences[:, inputs["input_ids"].shape[1]:]
     if not args.stream:
         for text in decode_answers(model, tokenizer, answers):
             print(text)
@@ -181,7 +270,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     import torch
 
     check_generation_args(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device)
+    images = load_images(args.image)  # shown with the first question
+    model, processor = load_model_and_processor(args.model, args.dtype, args.device, with_images=bool(images))
+    tokenizer = text_tokenizer(processor)
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -193,14 +284,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         if not user or user in ("/exit", "/quit"):
             break
-        messages.append({"role": "user", "content": user})
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(args.device)
+        first_question = not any(message["role"] == "user" for message in messages)
+        messages.append(user_message(user, images if first_question else []))
+        inputs = chat_inputs(processor, [messages], args.device)
         # The streamer prints "model> " itself: it redraws that line with every draft.
-        out = model.generate(ids, streamer=answer_streamer(model, tokenizer, prefix="model> "),
+        out = model.generate(**inputs, streamer=answer_streamer(model, tokenizer, prefix="model> "),
                              generator=torch.Generator(device=args.device).manual_seed(args.seed),
                              **generation_kwargs(args))
-        answer = decode_answers(model, tokenizer, out[:, ids.shape[1]:])[0]
+        answer = decode_answers(model, tokenizer, out[:, inputs["input_ids"].shape[1]:])[0]
         messages.append({"role": "assistant", "content": answer})
 
 
@@ -363,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("model", help="a saved model folder")
     generate.add_argument("prompt", nargs="+", help="one or more prompts (one answer each)")
     generate.add_argument("--join", action="store_true", help="join the words into a single prompt")
-    generate.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
+    generate.add_argument("--chat", action="store_true",
+                          help="apply the chat template to each prompt (always done for a vision model)")
+    add_image_option(generate, "an image each prompt asks about (LLaDA-V models); repeat it for several images")
     generate.add_argument("--stream", action="store_true", help="show the drafts while denoising")
     generate.add_argument("--visualize", metavar="PNG", help="write the decoding-order picture here")
     generate.add_argument("--quiet", action="store_true", help="no progress bar (there is none when piped)")
@@ -373,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="multi-turn chat in the terminal with live drafts")
     chat.add_argument("model", help="a saved model folder")
     chat.add_argument("--system", help="a system message")
+    add_image_option(chat, "an image the first question is about (LLaDA-V models); repeat it for several images")
     add_generation_options(chat)
     chat.set_defaults(func=cmd_chat)
 
