@@ -18,6 +18,7 @@ trainer.train()
 from .collator import DataCollatorForMaskedDiffusion
 from .config import DiffusionSFTConfig
 from .dpo import DiffusionDPOConfig, DiffusionDPOTrainer
+from .grpo import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from .objective import mask_answer_tokens, masked_diffusion_loss, masking_probability, sample_times
 from .sft import DiffusionSFTTrainer
 
@@ -27,6 +28,8 @@ __all__ = [
     "DiffusionSFTTrainer",
     "DiffusionDPOConfig",
     "DiffusionDPOTrainer",
+    "DiffusionGRPOConfig",
+    "DiffusionGRPOTrainer",
     "DataCollatorForMaskedDiffusion",
     "sample_times",
     "masking_probability",

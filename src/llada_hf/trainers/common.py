@@ -1,7 +1,12 @@
-"""Shared argument handling of the llada-hf trainers."""
+"""What the llada-hf preference and RL trainers share on top of TRL: their arguments, the mask token, and undoing
+TRL's next-token LM head."""
 
+import torch
+from accelerate.utils import is_peft_model
 from transformers import TrainingArguments
 from trl.trainer.utils import get_config_model_id
+
+from .sft import resolve_mask_token_id
 
 
 def as_config(args: TrainingArguments | None, model, config_class: type, run_suffix: str):
@@ -16,3 +21,30 @@ def as_config(args: TrainingArguments | None, model, config_class: type, run_suf
     # `to_dict` hides the value of every field named "*_token" (`hub_token`, and TRL's `eos_token` / `pad_token`)
     dict_args.update({key: getattr(args, key) for key in dict_args if key.endswith("_token")})
     return config_class(**dict_args)
+
+
+def remove_fused_lm_head(model: torch.nn.Module | None) -> None:
+    """Undo TRL's `add_fused_lm_head` (an instance-level `forward` wrapping the class's, which scores each position
+    against the *next* token) on `model` or on the base model under its PEFT wrapper: the model's own forward is
+    used again."""
+    if model is None:
+        return
+    base = model.get_base_model() if is_peft_model(model) else model
+    forward = base.__dict__.get("forward")
+    if forward is not None and getattr(getattr(forward, "__func__", None), "__wrapped__", None) is type(base).forward:
+        del base.forward
+
+
+class MaskTokenMixin:
+    """`mask_token_id` of a TRL trainer on a masked diffusion model: the model config's, else the tokenizer's
+    (`resolve_mask_token_id`), resolved on first use and written to the config, where `generate` reads it."""
+
+    _mask_token_id: int | None = None
+
+    @property
+    def mask_token_id(self) -> int:
+        if self._mask_token_id is None:
+            config = self.accelerator.unwrap_model(self.model).config
+            self._mask_token_id = resolve_mask_token_id(config, self._tokenizer)
+            config.get_text_config().mask_token_id = self._mask_token_id
+        return self._mask_token_id

@@ -44,11 +44,11 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from ..tokenization import set_mask_token
-from .arguments import as_config
+from .common import MaskTokenMixin, as_config, remove_fused_lm_head
 from .config import bf16_supported
 from .elbo import AnswerBatch, draw_elbo_noise, elbo_estimates, right_align
 from .hub import LladaHubMixin
-from .sft import check_masked_diffusion_model, resolve_mask_token_id
+from .sft import check_masked_diffusion_model
 
 
 # Loss types that are functions of the sequence log-ratios only (the ELBO replaces the log-likelihood in them).
@@ -189,17 +189,6 @@ def _noise_seed(args: DiffusionDPOConfig, key: int) -> int:
     return int(np.random.SeedSequence([args.seed, key, args.process_index]).generate_state(1)[0])
 
 
-def remove_fused_lm_head(model: torch.nn.Module | None) -> None:
-    """Undo TRL's `add_fused_lm_head` (an instance-level `forward` wrapping the class's) on `model` or on the base
-    model under its PEFT wrapper; the model's own forward is used again."""
-    if model is None:
-        return
-    base = model.get_base_model() if is_peft_model(model) else model
-    forward = base.__dict__.get("forward")
-    if forward is not None and getattr(getattr(forward, "__func__", None), "__wrapped__", None) is type(base).forward:
-        del base.forward
-
-
 def preference_losses(
     loss_type: str,
     chosen_logratios: torch.Tensor,
@@ -224,7 +213,7 @@ def preference_losses(
     raise ValueError(f"Unknown loss type {loss_type!r}; use one of {list(PREFERENCE_LOSS_TYPES)}.")
 
 
-class DiffusionDPOTrainer(LladaHubMixin, DPOTrainer):
+class DiffusionDPOTrainer(MaskTokenMixin, LladaHubMixin, DPOTrainer):
     """Preference optimisation (DPO with VRPO) of masked diffusion language models (LLaDA), the TRL way.
 
     Takes the arguments of [`trl.DPOTrainer`] (a model instance or id, an optional `ref_model`, [`DiffusionDPOConfig`],
@@ -294,7 +283,6 @@ class DiffusionDPOTrainer(LladaHubMixin, DPOTrainer):
             mode: torch.Generator().manual_seed(_noise_seed(args, key))
             for mode, key in (("train", _TRAIN_SEED_KEY), ("eval", _EVAL_SEED_KEY))
         }
-        self._mask_token_id = None
 
         super().__init__(
             model=model,
@@ -314,15 +302,6 @@ class DiffusionDPOTrainer(LladaHubMixin, DPOTrainer):
         if self.ref_model is not None:
             remove_fused_lm_head(self.accelerator.unwrap_model(self.ref_model))
         set_mask_token(self._tokenizer, self.mask_token_id)  # saved with the model, so tools reading it find the mask
-
-    @property
-    def mask_token_id(self) -> int:
-        """The mask token id (the model config's, else the tokenizer's), resolved on first use."""
-        if self._mask_token_id is None:
-            config = self.accelerator.unwrap_model(self.model).config
-            self._mask_token_id = resolve_mask_token_id(config, self._tokenizer)
-            config.get_text_config().mask_token_id = self._mask_token_id  # where `generate` reads it
-        return self._mask_token_id
 
     # ---- The ELBO estimates ----
 
