@@ -55,7 +55,7 @@ def test_low_precision_generate_equals_the_official_sampler(dtype):
 
 def test_ties_are_broken_as_torch_topk_with_each_rows_own_k():
     """topk(k) does not pick the tied positions that topk(k') picks for k' > k: each row gets its own k."""
-    from llada_hf.generation_llada import _top_k_per_row
+    from llada_hf.decoding_llada import _top_k_per_row
 
     scores = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.5, 0.25], [0.5, 0.5, 0.5, 0.5, 0.5, 0.25]], dtype=torch.bfloat16)
     k = torch.tensor([1, 3])

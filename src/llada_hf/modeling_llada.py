@@ -434,7 +434,9 @@ class LladaForMaskedDiffusion(DiffusionGenerationMixin, LladaPreTrainedModel):
             copy_bundle_files(save_directory)
 
 
-BUNDLE_FILES = ("configuration_llada.py", "modeling_llada.py", "generation_llada.py", "streaming_llada.py")
+BUNDLE_FILES = (
+    "configuration_llada.py", "modeling_llada.py", "generation_llada.py", "decoding_llada.py", "streaming_llada.py"
+)
 VISION_BUNDLE_FILES = ("configuration_llada_v.py", "modeling_llada_v.py", "processing_llada_v.py")  # LLaDA-V, on top
 
 

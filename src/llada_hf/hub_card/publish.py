@@ -233,7 +233,8 @@ def add_card_and_code(
         >>> folder = tempfile.mkdtemp()
         >>> card = add_card_and_code(folder, LladaForMaskedDiffusion(config), repo_id="alice/tiny-llada")
         >>> sorted(os.listdir(folder))
-        ['README.md', 'configuration_llada.py', 'generation_llada.py', 'modeling_llada.py', 'streaming_llada.py']
+        ['README.md', 'configuration_llada.py', 'decoding_llada.py', 'generation_llada.py', 'modeling_llada.py',
+         'streaming_llada.py']
         ```
     """
     if card_options.get("merge_adapter"):
