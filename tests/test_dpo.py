@@ -23,9 +23,18 @@ PAIRS = {"prompt": ["reverse a b =", "reverse c d e ="], "chosen": [" b a", " e 
 
 def make_args(tmp_path, **overrides) -> DiffusionDPOConfig:
     kwargs = dict(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, n_time=4,
-        bf16=False, gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no",
-        disable_tqdm=True, max_length=64,
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        n_time=4,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        max_length=64,
     )
     kwargs.update(overrides)
     return DiffusionDPOConfig(**kwargs)
@@ -35,8 +44,11 @@ def make_trainer(tmp_path, tokenizer, policy_seed=0, ref_seed=0, **overrides) ->
     model = tokenizer_model(tokenizer, seed=policy_seed, hidden_size=64, intermediate_size=128)
     ref_model = tokenizer_model(tokenizer, seed=ref_seed, hidden_size=64, intermediate_size=128)
     return DiffusionDPOTrainer(
-        model=model, ref_model=ref_model, args=make_args(tmp_path, **overrides),
-        train_dataset=Dataset.from_dict(PAIRS), processing_class=tokenizer,
+        model=model,
+        ref_model=ref_model,
+        args=make_args(tmp_path, **overrides),
+        train_dataset=Dataset.from_dict(PAIRS),
+        processing_class=tokenizer,
     )
 
 
@@ -84,7 +96,9 @@ def test_elbo_estimates_and_the_preference_score_are_unbiased(tmp_path, text_tok
 
     mask_id = trainer.mask_token_id
     examples = [trainer.train_dataset[i] for i in range(len(PAIRS["prompt"]))]
-    answers = [(e["prompt_ids"], e["chosen_ids"]) for e in examples] + [(e["prompt_ids"], e["rejected_ids"]) for e in examples]
+    answers = [(e["prompt_ids"], e["chosen_ids"]) for e in examples] + [
+        (e["prompt_ids"], e["rejected_ids"]) for e in examples
+    ]
     exact = {
         name: torch.tensor([exact_elbo(model, mask_id, p, a) for p, a in answers], dtype=torch.float64)
         for name, model in (("policy", policy), ("reference", reference))
@@ -139,13 +153,15 @@ def test_antithetic_sampling_lowers_the_variance_of_the_loss(tmp_path, text_toke
     assert gradient_ratio > 0.95, spread
 
 
-
 @pytest.mark.parametrize("answer, margin", [([9, 10, 11], 3.0), ([20, 21, 22, 23, 24, 25], 1.2)])
 def test_optimal_allocation_lowers_the_variance_of_the_elbo(tiny_llada, answer, margin):
     # The same budget of 8 rows: 8 timesteps x 1 mask (VRPO's optimal allocation) against 1 timestep x 8 masks
     copies, ids = 200, torch.tensor([[5, 6, 7, 8] + answer])
-    batch = AnswerBatch(ids.repeat(copies, 1), torch.ones_like(ids).repeat(copies, 1),
-                        torch.ones(copies, len(answer), dtype=torch.bool))
+    batch = AnswerBatch(
+        ids.repeat(copies, 1),
+        torch.ones_like(ids).repeat(copies, 1),
+        torch.ones(copies, len(answer), dtype=torch.bool),
+    )
     variance = {}
     for n_time, n_mask in ((8, 1), (1, 8)):
         noise = draw_elbo_noise(batch.answer_lengths, n_time, n_mask, torch.Generator().manual_seed(0))
@@ -166,7 +182,9 @@ def test_training_never_takes_a_next_token_path(tmp_path, text_tokenizer):
     def record(module, args, kwargs):
         calls.append(kwargs)
 
-    handles = [model.register_forward_pre_hook(record, with_kwargs=True) for model in (trainer.model, trainer.ref_model)]
+    handles = [
+        model.register_forward_pre_hook(record, with_kwargs=True) for model in (trainer.model, trainer.ref_model)
+    ]
     try:
         trainer.train()
     finally:
@@ -186,8 +204,11 @@ def test_lora_uses_the_disabled_adapter_as_reference(tmp_path, text_tokenizer):
 
     model = tokenizer_model(text_tokenizer, hidden_size=64, intermediate_size=128)
     trainer = DiffusionDPOTrainer(
-        model=model, args=make_args(tmp_path, max_steps=3), train_dataset=Dataset.from_dict(PAIRS),
-        processing_class=text_tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        model=model,
+        args=make_args(tmp_path, max_steps=3),
+        train_dataset=Dataset.from_dict(PAIRS),
+        processing_class=text_tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
     assert trainer.ref_model is None
     trainer.train()
@@ -211,14 +232,16 @@ def test_push_to_hub_carries_the_card_with_the_method(tmp_path, monkeypatch, tex
 
     class RecordingApi:
         def upload_folder(self, repo_id, folder_path, **kwargs):
-            uploads.append((repo_id, set(os.listdir(folder_path)), open(os.path.join(folder_path, "README.md")).read()))
+            uploads.append(
+                (repo_id, set(os.listdir(folder_path)), open(os.path.join(folder_path, "README.md")).read())
+            )
 
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: RecordingApi())
     trainer = make_trainer(tmp_path, text_tokenizer, max_steps=1)
     trainer.train()
     trainer.hub_model_id = "alice/tiny-llada-dpo"
     trainer.push_to_hub()
-    (repo_id, files, card), = uploads
+    ((repo_id, files, card),) = uploads
     assert repo_id == "alice/tiny-llada-dpo"
     assert {"model.safetensors", "modeling_llada.py", "generation_llada.py", "README.md"} <= files
     assert "DiffusionDPOTrainer" in card and "VRPO" in card and "n = 4 timesteps x 1 mask" in card
@@ -231,11 +254,22 @@ def test_push_to_hub_carries_the_card_with_the_method(tmp_path, monkeypatch, tex
 def test_a_causal_lm_is_refused(tmp_path, text_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(text_tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(text_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    )
     with pytest.raises(TypeError, match=r"DiffusionDPOTrainer trains masked diffusion.*trl\.DPOTrainer"):
-        DiffusionDPOTrainer(model=llama, args=make_args(tmp_path), train_dataset=Dataset.from_dict(PAIRS),
-                            processing_class=text_tokenizer)
+        DiffusionDPOTrainer(
+            model=llama,
+            args=make_args(tmp_path),
+            train_dataset=Dataset.from_dict(PAIRS),
+            processing_class=text_tokenizer,
+        )
 
 
 @pytest.mark.parametrize("column", ["chosen", "rejected"])
@@ -244,8 +278,13 @@ def test_empty_answers_are_refused(tmp_path, text_tokenizer, column):
     rows[column][1] = "  "
     model = tokenizer_model(text_tokenizer)
     with pytest.raises(ValueError, match=f"Row 1 of the train dataset has an empty `{column}` answer"):
-        DiffusionDPOTrainer(model=model, ref_model=copy.deepcopy(model), args=make_args(tmp_path),
-                            train_dataset=Dataset.from_dict(rows), processing_class=text_tokenizer)
+        DiffusionDPOTrainer(
+            model=model,
+            ref_model=copy.deepcopy(model),
+            args=make_args(tmp_path),
+            train_dataset=Dataset.from_dict(rows),
+            processing_class=text_tokenizer,
+        )
 
 
 @pytest.mark.parametrize("field", ["n_time", "n_mask"])
@@ -254,11 +293,14 @@ def test_budgets_of_zero_are_refused(tmp_path, field):
         make_args(tmp_path, **{field: 0})
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"loss_type": ["sigmoid", "bco_pair"]}, "loss_type=\\['bco_pair'\\]"),
-    ({"use_weighting": True}, "next-token probabilities"),
-    ({"f_divergence_type": "js_divergence"}, "reverse_kl"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"loss_type": ["sigmoid", "bco_pair"]}, "loss_type=\\['bco_pair'\\]"),
+        ({"use_weighting": True}, "next-token probabilities"),
+        ({"f_divergence_type": "js_divergence"}, "reverse_kl"),
+    ],
+)
 def test_next_token_options_are_refused(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         make_args(tmp_path, **overrides)

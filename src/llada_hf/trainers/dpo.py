@@ -121,7 +121,9 @@ class DiffusionDPOConfig(DPOConfig):
         for name in ("n_time", "n_mask"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1 (the ELBO needs at least one sample), got {value!r}.")
+                raise ValueError(
+                    f"`{name}` must be an integer >= 1 (the ELBO needs at least one sample), got {value!r}."
+                )
         self._refuse_next_token_options()
 
     def _refuse_next_token_options(self) -> None:
@@ -269,11 +271,16 @@ class DiffusionDPOTrainer(MaskTokenMixin, LladaHubMixin, DPOTrainer):
     ):
         args = as_config(args, model, DiffusionDPOConfig, "DiffusionDPO")
         # Checked before `DPOTrainer.__init__`, which loads and prepares everything
-        hub_kwargs = {"revision": (args.model_init_kwargs or {}).get("revision"), "trust_remote_code": args.trust_remote_code}
+        hub_kwargs = {
+            "revision": (args.model_init_kwargs or {}).get("revision"),
+            "trust_remote_code": args.trust_remote_code,
+        }
         model_config = AutoConfig.from_pretrained(model, **hub_kwargs) if isinstance(model, str) else model.config
         check_masked_diffusion_model(model, model_config, "DiffusionDPOTrainer", "trl.DPOTrainer")
         if ref_model is not None:
-            check_masked_diffusion_model(ref_model, ref_model.config, "DiffusionDPOTrainer (ref_model)", "trl.DPOTrainer")
+            check_masked_diffusion_model(
+                ref_model, ref_model.config, "DiffusionDPOTrainer (ref_model)", "trl.DPOTrainer"
+            )
         eval_datasets = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
         for name, data in {"train": train_dataset, **eval_datasets}.items():
             if data is not None:
@@ -317,7 +324,9 @@ class DiffusionDPOTrainer(MaskTokenMixin, LladaHubMixin, DPOTrainer):
 
     def _draw_noise(self, batch: AnswerBatch):
         mode = "train" if self.model.training else "eval"
-        return draw_elbo_noise(batch.answer_lengths.cpu(), self.args.n_time, self.args.n_mask, self._noise_generators[mode])
+        return draw_elbo_noise(
+            batch.answer_lengths.cpu(), self.args.n_time, self.args.n_mask, self._noise_generators[mode]
+        )
 
     def _reference_elbo(self, batch: AnswerBatch, noise, model: torch.nn.Module | None = None) -> torch.Tensor:
         """ELBO estimates `[R]` under the reference: `ref_model`, or the PEFT model with its adapter disabled (or its
@@ -403,7 +412,9 @@ class DiffusionDPOTrainer(MaskTokenMixin, LladaHubMixin, DPOTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
         """`DPOTrainer.evaluate`, with the same noise at every evaluation so that eval losses compare over time."""
         self._noise_generators["eval"].manual_seed(_noise_seed(self.args, _EVAL_SEED_KEY))
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
         """The evaluation loss only: a masked diffusion model has no next-token logits to return."""

@@ -112,9 +112,7 @@ class DiffusionGRPOConfig(GRPOConfig):
     temperature: float = field(default=0.9, metadata={"help": "Sampling temperature of the rollouts (d1: 0.9)."})
     beta: float = field(default=0.04, metadata={"help": "KL coefficient (d1: 0.04)."})
     epsilon: float = field(default=0.5, metadata={"help": "Clipping range of the ratio (d1: 0.5)."})
-    num_iterations: int = field(
-        default=12, metadata={"help": "Policy updates per batch of rollouts, mu (d1: 12)."}
-    )
+    num_iterations: int = field(default=12, metadata={"help": "Policy updates per batch of rollouts, mu (d1: 12)."})
     loss_type: str = field(
         default="bnpo", metadata={"help": "Aggregation of the per-token loss (d1: token mean over the batch, 'bnpo')."}
     )
@@ -177,10 +175,10 @@ def check_reference_source(model: "str | PreTrainedModel", args: DiffusionGRPOCo
         return
     if not model.config.name_or_path:
         raise ValueError(
-            "With `beta > 0` the reference model is loaded from the model's path (as TRL's GRPOTrainer does), and this "
-            "model was built in memory. Save it (`model.save_pretrained(folder)`, with its tokenizer) and pass the "
-            "folder as `model`, train a LoRA adapter (`peft_config`; the reference is the adapter disabled), or set "
-            "`beta=0`."
+            "With `beta > 0` the reference model is loaded from the model's path (as TRL's GRPOTrainer does), and "
+            "this model was built in memory. Save it (`model.save_pretrained(folder)`, with its tokenizer) and pass "
+            "the folder as `model`, train a LoRA adapter (`peft_config`; the reference is the adapter disabled), or "
+            "set `beta=0`."
         )
 
 
@@ -240,15 +238,18 @@ def one_step_prompt_masks(
         >>> from llada_hf.trainers.grpo import one_step_prompt_masks
         >>> prompt = torch.ones(2, 1000, dtype=torch.long)
         >>> masks = one_step_prompt_masks(torch.tensor([7, 8]), 0, prompt, 0.15)
-        >>> torch.equal(masks, one_step_prompt_masks(torch.tensor([7, 8]), 0, prompt, 0.15)), masks.float().mean() < 0.2
+        >>> again = one_step_prompt_masks(torch.tensor([7, 8]), 0, prompt, 0.15)  # same seeds and iteration
+        >>> torch.equal(masks, again), masks.float().mean() < 0.2
         (True, tensor(True))
         ```
     """
     width = prompt_mask.shape[1]
-    draws = torch.stack([
-        torch.rand(width, generator=torch.Generator().manual_seed(_iteration_seed(int(seed), iteration)))
-        for seed in row_seeds.tolist()
-    ])  # [B, P]
+    draws = torch.stack(
+        [
+            torch.rand(width, generator=torch.Generator().manual_seed(_iteration_seed(int(seed), iteration)))
+            for seed in row_seeds.tolist()
+        ]
+    )  # [B, P]
     return (draws < p_mask_prompt).to(prompt_mask.device) & prompt_mask.bool()
 
 
@@ -318,7 +319,10 @@ class DiffusionGRPOTrainer(MaskTokenMixin, LladaHubMixin, GRPOTrainer):
         peft_config: Any = None,
     ):
         args = as_config(args, model, DiffusionGRPOConfig, "DiffusionGRPO")
-        hub_kwargs = {"revision": (args.model_init_kwargs or {}).get("revision"), "trust_remote_code": args.trust_remote_code}
+        hub_kwargs = {
+            "revision": (args.model_init_kwargs or {}).get("revision"),
+            "trust_remote_code": args.trust_remote_code,
+        }
         model_config = AutoConfig.from_pretrained(model, **hub_kwargs) if isinstance(model, str) else model.config
         check_masked_diffusion_model(model, model_config, "DiffusionGRPOTrainer", "trl.GRPOTrainer")
         check_reference_source(model, args, peft_config)
@@ -346,7 +350,9 @@ class DiffusionGRPOTrainer(MaskTokenMixin, LladaHubMixin, GRPOTrainer):
         set_mask_token(self._tokenizer, self.mask_token_id)
         self.generation_config = self._diffusion_generation_config()
         # A completion also ends at an end-of-turn token (chat models)
-        self.eos_token_ids = sorted(set(self.eos_token_ids) | set(end_token_ids(self._tokenizer, self.generation_config)))
+        self.eos_token_ids = sorted(
+            set(self.eos_token_ids) | set(end_token_ids(self._tokenizer, self.generation_config))
+        )
 
     def _diffusion_generation_config(self) -> DiffusionGenerationConfig:
         """TRL's rollout settings (`self.generation_kwargs`: answer length, sampling, token ids, `generation_kwargs`)
@@ -442,11 +448,15 @@ class DiffusionGRPOTrainer(MaskTokenMixin, LladaHubMixin, GRPOTrainer):
         logps, entropies = [], []
         for iteration in self._scoring.iterations:
             # 1. masked prompt
-            masked_prompt = one_step_prompt_masks(self._scoring.row_seeds, iteration, prompt_mask, self.args.p_mask_prompt)
+            masked_prompt = one_step_prompt_masks(
+                self._scoring.row_seeds, iteration, prompt_mask, self.args.p_mask_prompt
+            )
             noisy_prompt = prompt_ids.masked_fill(masked_prompt, self.mask_token_id)
             # 2.-3. fully masked answer, one pass per chunk
             chunks = [
-                self._one_step_logps(model, noisy_prompt[rows], prompt_mask[rows], completion_ids[rows], compute_entropy)
+                self._one_step_logps(
+                    model, noisy_prompt[rows], prompt_mask[rows], completion_ids[rows], compute_entropy
+                )
                 for rows in torch.arange(len(input_ids)).split(batch_size)
             ]
             logps.append(torch.cat([chunk[0] for chunk in chunks]))
@@ -470,7 +480,9 @@ class DiffusionGRPOTrainer(MaskTokenMixin, LladaHubMixin, GRPOTrainer):
         attention_mask = torch.cat([prompt_mask, torch.ones_like(masks)], dim=1)
         kept = torch.arange(prompt_width, prompt_width + completion_ids.shape[1], device=input_ids.device)
         with self.accelerator.autocast():
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=kept, use_cache=False).logits
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=kept, use_cache=False
+            ).logits
         log_probs = F.log_softmax(logits.float(), dim=-1)  # [b, C, V]
         token_logps = log_probs.gather(-1, completion_ids[..., None]).squeeze(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1) if compute_entropy else None

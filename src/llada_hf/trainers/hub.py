@@ -31,10 +31,20 @@ class LladaHubMixin:
             return
         from ..hub_card import add_card_and_code
 
-        repo_id = self.hub_model_id or f"{LOCAL_OWNER}/{_repo_name(model_name or os.path.basename(self.args.output_dir))}"
+        repo_id = (
+            self.hub_model_id or f"{LOCAL_OWNER}/{_repo_name(model_name or os.path.basename(self.args.output_dir))}"
+        )
         try:
-            add_card_and_code(self.args.output_dir, self.model, repo_id=repo_id, tokenizer=self._tokenizer,
-                              trainer=self, datasets=dataset_name, tags=tags, description=self._card_description())
+            add_card_and_code(
+                self.args.output_dir,
+                self.model,
+                repo_id=repo_id,
+                tokenizer=self._tokenizer,
+                trainer=self,
+                datasets=dataset_name,
+                tags=tags,
+                description=self._card_description(),
+            )
         except ValueError:
             if self.args.push_to_hub:  # a push would publish a wrong card: say so
                 raise
