@@ -13,6 +13,10 @@ trainer = DiffusionSFTTrainer(
 )
 trainer.train()
 ```
+
+LLaDA-V trains the same way on TRL's vision formats ("images" + "messages", "image" + "prompt"/"completion") with
+its `LladaVProcessor` as `processing_class`, in the paper's three stages: `DiffusionSFTConfig(stage="projector" |
+"instruct" | "reasoning")`, or `DiffusionSFTConfig.for_stage(...)` for the official hyperparameters.
 """
 
 from .collator import DataCollatorForMaskedDiffusion
@@ -21,6 +25,8 @@ from .dpo import DiffusionDPOConfig, DiffusionDPOTrainer
 from .grpo import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from .objective import mask_answer_tokens, masked_diffusion_loss, masking_probability, sample_times
 from .sft import DiffusionSFTTrainer
+from .stages import STAGE_PRESETS, apply_stage
+from .vision import DataCollatorForVisionMaskedDiffusion, language_model_lora_config
 
 
 __all__ = [
@@ -31,6 +37,10 @@ __all__ = [
     "DiffusionGRPOConfig",
     "DiffusionGRPOTrainer",
     "DataCollatorForMaskedDiffusion",
+    "DataCollatorForVisionMaskedDiffusion",
+    "STAGE_PRESETS",
+    "apply_stage",
+    "language_model_lora_config",
     "sample_times",
     "masking_probability",
     "mask_answer_tokens",

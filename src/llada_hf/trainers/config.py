@@ -5,8 +5,11 @@ from dataclasses import dataclass, field
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig
 
+from .stages import PROMPT_TEMPLATES, STAGE_PRESETS, check_stage
+
 
 LOSS_NORMALIZATIONS = ("answer_length", "token", "sequence")
+VISION_TOWER_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def bf16_supported(use_cpu: bool) -> bool:
@@ -82,6 +85,26 @@ class DiffusionSFTConfig(SFTConfig):
             which teaches the model to stop (LLaDA SFT rule). Rows without a prompt (pretraining text) and, when
             `False`, all rows get ordinary padding: not attended, never scored.
 
+        > Parameters that control vision-language training (LLaDA-V; see `trainers/stages.py`)
+
+        stage (`str` or `None`, *optional*, defaults to `None`):
+            A LLaDA-V training stage: `"projector"` (stage 1, alignment: only the projector trains, on captions with
+            the `"plain"` template), `"instruct"` (stage 2, visual instructions) or `"reasoning"` (stage 3, chains of
+            thought); stages 2 and 3 train the vision tower, projector and language model, the tower at a lower
+            learning rate. Sets which modules train (without `peft_config`, which decides that itself) and the
+            defaults of `prompt_template` and `vision_tower_learning_rate`. The official hyperparameters (learning
+            rate, batch, schedule, length) come with [`DiffusionSFTConfig.for_stage`] or `llada-hf train --stage`.
+        prompt_template (`str` or `None`, *optional*, defaults to `None`):
+            How an image row becomes a prompt: `"chat"` (the processor's chat template) or `"plain"` (the images
+            alone, then the caption and a newline: the official stage-1 `llada_plain`). `None`: `"plain"` for
+            `stage="projector"`, else `"chat"`.
+        vision_tower_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Learning rate of the vision tower's parameters. `None`: `learning_rate` times the stage's ratio (0.2 for
+            `"instruct"` and `"reasoning"`, the official 2e-6 / 1e-5), or `learning_rate` without a stage.
+        vision_tower_dtype (`str` or `None`, *optional*, defaults to `None`):
+            Keep a *frozen* vision tower in this dtype (`"bfloat16"`, `"float16"`) to save memory while the rest
+            trains in its own precision. The tower must be frozen (`stage="projector"`, or by `peft_config`).
+
     Refused next-token options (a `ValueError` says what to use instead): `padding_free=True` and the `"bfd"` /
     `"bfd_split"` packing strategies (they rely on position ids with varlen attention kernels; use
     `packing_strategy="wrapped"`, which cuts the text into full-length rows like LLaDA pretraining),
@@ -139,13 +162,82 @@ class DiffusionSFTConfig(SFTConfig):
         },
     )
 
+    # Parameters that control vision-language training (LLaDA-V)
+    stage: str | None = field(
+        default=None,
+        metadata={
+            "help": "LLaDA-V training stage: 'projector' (stage 1: projector only, plain captions), 'instruct' (stage "
+            "2) or 'reasoning' (stage 3): tower + projector + language model, the tower at a lower learning rate.",
+            "choices": [None, *STAGE_PRESETS],
+        },
+    )
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Image rows: 'chat' (the processor's chat template) or 'plain' (images, then caption + newline: "
+            "official stage 1). Default: 'plain' for stage 'projector', else 'chat'.",
+            "choices": [None, *PROMPT_TEMPLATES],
+        },
+    )
+    vision_tower_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the vision tower. Default: the stage's ratio (0.2) x learning_rate."},
+    )
+    vision_tower_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Keep a frozen vision tower in this dtype ('bfloat16', 'float16') to save memory.",
+            "choices": [None, *VISION_TOWER_DTYPES],
+        },
+    )
+
     def __post_init__(self):
         if self.bf16 is None:  # TRL's default (bf16 unless fp16) is refused by TrainingArguments on a CPU
             self.bf16 = not self.fp16 and bf16_supported(self.use_cpu)
         super().__post_init__()
         self._check_diffusion_fields()
+        self._check_vision_fields()
         self._refuse_next_token_options()
         refuse_sequence_sharding(self.parallelism_config)
+
+    @classmethod
+    def for_stage(cls, stage: str, **kwargs) -> "DiffusionSFTConfig":
+        """A config for a LLaDA-V training stage with the official hyperparameters as defaults (full-size runs).
+
+        The values of `STAGE_PRESETS[stage].official_args` (docs/LLADA_V.md section 5: learning rate, tower learning
+        rate, batch per device, accumulation, cosine schedule, warm-up ratio 0.03, maximum length) are used unless
+        given in `kwargs`.
+
+        Example:
+            ```python
+            >>> from llada_hf.trainers import DiffusionSFTConfig
+            >>> args = DiffusionSFTConfig.for_stage("instruct", output_dir="out")
+            >>> args.learning_rate, args.vision_tower_learning_rate, args.gradient_accumulation_steps, args.stage
+            (1e-05, 2e-06, 4, 'instruct')
+            >>> DiffusionSFTConfig.for_stage("projector", output_dir="out", learning_rate=5e-4).learning_rate
+            0.0005
+            ```
+        """
+        check_stage(stage)
+        return cls(**{**STAGE_PRESETS[stage].official_args, "stage": stage, **kwargs})
+
+    @property
+    def image_prompt_template(self) -> str:
+        """The template of image rows: `prompt_template`, else the stage's (`"plain"` for stage 1), else `"chat"`."""
+        if self.prompt_template is not None:
+            return self.prompt_template
+        return STAGE_PRESETS[self.stage].prompt_template if self.stage is not None else "chat"
+
+    def _check_vision_fields(self) -> None:
+        check_stage(self.stage)
+        if self.prompt_template is not None and self.prompt_template not in PROMPT_TEMPLATES:
+            raise ValueError(f"`prompt_template` must be one of {PROMPT_TEMPLATES} (or None), got {self.prompt_template!r}.")
+        if self.vision_tower_learning_rate is not None and not self.vision_tower_learning_rate >= 0:
+            raise ValueError(f"`vision_tower_learning_rate` must be >= 0, got {self.vision_tower_learning_rate}.")
+        if self.vision_tower_dtype is not None and self.vision_tower_dtype not in VISION_TOWER_DTYPES:
+            raise ValueError(
+                f"`vision_tower_dtype` must be one of {VISION_TOWER_DTYPES} (or None), got {self.vision_tower_dtype!r}."
+            )
 
     def _check_diffusion_fields(self) -> None:
         if not 0.0 <= self.time_epsilon < 1.0:

@@ -47,10 +47,18 @@ from .collator import DataCollatorForMaskedDiffusion
 from .config import DiffusionSFTConfig, refuse_sequence_sharding
 from .hub import LladaHubMixin
 from .objective import mask_answer_tokens, masked_diffusion_loss, masking_probability, random_length, sample_times
+from .stages import apply_stage, is_vision_language_model, split_vision_tower_groups, vision_tower_learning_rate
+from .vision import (
+    DataCollatorForVisionMaskedDiffusion,
+    check_vision_training,
+    is_vision_example,
+    keep_frozen_tower_in,
+    repeat_image_inputs,
+)
 
 
 # Model types trained by this trainer when the model is given as an id or path (checked on its config).
-MASKED_DIFFUSION_MODEL_TYPES = ("llada",)
+MASKED_DIFFUSION_MODEL_TYPES = ("llada", "llada_v")
 
 # Keys mixed into the noise seeds, so that training and evaluation never share a random stream.
 _TRAIN_SEED_KEY, _EVAL_SEED_KEY = 0, 1
@@ -265,6 +273,8 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
         if processing_class is None:  # as TRL would load it, but needed now for the mask token
             model_id = model if isinstance(model, str) else get_config_model_id(model_config)
             processing_class = AutoProcessor.from_pretrained(model_id, **hub_kwargs)
+        vision_dataset = train_dataset is not None and is_vision_example(next(iter(train_dataset)))
+        check_vision_training(model_config, processing_class, vision_dataset, args.stage)
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         self.mask_token_id = resolve_mask_token_id(model_config, tokenizer)
         check_eos_token(tokenizer, args.eos_token)
@@ -288,7 +298,15 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
         refuse_sequence_sharding(getattr(self.accelerator, "parallelism_config", None))
         # A mask id taken from the tokenizer is written to the config, where `generate` reads it
         self.model.config.get_text_config().mask_token_id = self.mask_token_id
-        if data_collator is None:  # built after TRL settled the pad and EOS tokens (`args.eos_token`)
+        if data_collator is None and self._is_vision_dataset:  # images: loaded and processed batch by batch
+            self.data_collator = DataCollatorForVisionMaskedDiffusion(
+                processing_class,
+                pad_answers_with_eos=args.pad_answers_with_eos,
+                prompt_template=args.image_prompt_template,
+                max_length=args.max_length,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        elif data_collator is None:  # built after TRL settled the pad and EOS tokens (`args.eos_token`)
             self.data_collator = DataCollatorForMaskedDiffusion(
                 pad_token_id=self._tokenizer.pad_token_id,
                 eos_token_id=self._tokenizer.eos_token_id,
@@ -296,6 +314,7 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
         self._noise_generator = torch.Generator(device=self.accelerator.device)
+        self._apply_vision_settings(peft_config)
 
     @staticmethod
     def _diffusion_args(args: TrainingArguments | None, model: "str | PreTrainedModel") -> DiffusionSFTConfig:
@@ -309,6 +328,23 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
         # `to_dict` hides the value of every field named "*_token" (`hub_token`, and `eos_token` of an SFTConfig)
         dict_args.update({key: getattr(args, key) for key in dict_args if key.endswith("_token")})
         return DiffusionSFTConfig(**dict_args)
+
+    def _apply_vision_settings(self, peft_config: Any) -> None:
+        """LLaDA-V: the stage's trainable modules (unless PEFT chose them), and a frozen tower's lower precision."""
+        if self.args.stage is not None and peft_config is None:
+            apply_stage(self.model, self.args.stage)
+        if self.args.vision_tower_dtype is not None:
+            keep_frozen_tower_in(self.model, getattr(torch, self.args.vision_tower_dtype))
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """TRL's optimizer; for LLaDA-V the vision tower's parameters get their own learning rate
+        (`vision_tower_learning_rate`, or the stage's share of `learning_rate`)."""
+        building = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        if building and is_vision_language_model(opt_model):
+            split_vision_tower_groups(optimizer, opt_model, vision_tower_learning_rate(self.args))
+        return optimizer
 
     # ---- Data ----
 
@@ -414,6 +450,7 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
         input_ids, attention_mask, labels = (
             inputs[key].repeat_interleave(copies, dim=0) for key in ("input_ids", "attention_mask", "labels")
         )
+        image_inputs = repeat_image_inputs(inputs, copies)  # LLaDA-V: each copy keeps its row's images
         # 3. noise
         answer_mask = labels != -100  # [B, L]
         t = sample_times(len(input_ids), self.args.antithetic_time, self._noise_generator, input_ids.device)  # [B]
@@ -428,6 +465,7 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
             shift_labels=labels.masked_fill(~masked, -100),
             fused_lm_head=True,
             use_cache=False,
+            **image_inputs,
         )
         # 5. loss
         loss = masked_diffusion_loss(
