@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import MASK_ID, left_padded_batch, tiny_model
+
 from llada_hf.generation_llada import DiffusionCache
 
 

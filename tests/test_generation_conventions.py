@@ -6,8 +6,11 @@ import warnings
 
 import pytest
 import torch
-
 from helpers import EOS_ID, EOT_ID, MASK_ID, PAD_ID, left_padded_batch, tiny_model
+from llada_reference import reference_generate
+
+from transformers import GenerationConfig
+
 from llada_hf.generation_llada import (
     DIFFUSION_OPTIONS,
     HONOURED_FIELDS,
@@ -15,8 +18,6 @@ from llada_hf.generation_llada import (
     REFUSED_FIELDS,
     DiffusionGenerationConfig,
 )
-from llada_reference import reference_generate
-from transformers import GenerationConfig
 
 
 @pytest.fixture(scope="module")

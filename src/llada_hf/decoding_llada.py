@@ -164,7 +164,8 @@ def plan_blocks(prompt_length: int, answer_length: int, block_length: int, steps
     Example:
         ```python
         >>> from llada_hf.generation_llada import plan_blocks
-        >>> [(b.start, b.end, b.steps) for b in plan_blocks(prompt_length=5, answer_length=10, block_length=4, steps=7)]
+        >>> blocks = plan_blocks(prompt_length=5, answer_length=10, block_length=4, steps=7)
+        >>> [(b.start, b.end, b.steps) for b in blocks]
         [(5, 9, 3), (9, 13, 2), (13, 15, 2)]
         ```
     """
@@ -696,7 +697,8 @@ class DiffusionDecodingState:
                 start = 0 if self.block_index == 0 else block.start
                 self.schedule = tokens_per_step((self.x[:, start : block.end] == self.mask_id).sum(1), block.steps)
             rows = self.active.nonzero().squeeze(1)
-            if self.block_step < block.steps and rows.numel() and bool((self.x[rows, : block.end] == self.mask_id).any()):
+            has_masks = rows.numel() and bool((self.x[rows, : block.end] == self.mask_id).any())
+            if self.block_step < block.steps and has_masks:
                 return
             if self.streamer is not None:
                 self.streamer.put(self.x[:, block.start : block.end].cpu())

@@ -279,10 +279,11 @@ class DiffusionGenerationConfig(GenerationConfig):
         >>> config = DiffusionGenerationConfig(max_new_tokens=64, steps=64, block_length=32, mask_token_id=126336)
         >>> config.block_length, config.remasking
         (32, 'low_confidence')
-        >>> DiffusionGenerationConfig(num_beams=4)
-        Traceback (most recent call last):
-        ...
-        ValueError: `num_beams=4` has no meaning for masked diffusion: beam search has no diffusion counterpart; use `remasking` and `steps`.
+        >>> try:
+        ...     DiffusionGenerationConfig(num_beams=4)
+        ... except ValueError as error:
+        ...     print(str(error).split(":")[0])
+        `num_beams=4` has no meaning for masked diffusion
         ```
     """
 
@@ -516,7 +517,8 @@ class DiffusionGenerationMixin:
             prompt_embeds = prompt_embeds.repeat_interleave(repeats, dim=0) if prompt_embeds is not None else None
         prompt_length = input_ids.shape[1]
         self._resolve_lengths(config, prompt_length)
-        x, attention_mask = self._prepare_sequence(input_ids, attention_mask, config, embedded=prompt_embeds is not None)
+        embedded = prompt_embeds is not None
+        x, attention_mask = self._prepare_sequence(input_ids, attention_mask, config, embedded=embedded)
         # 2. Plan (3., the schedule, is made by the state at each block's first step)
         answer_length = config.max_new_tokens
         blocks = plan_blocks(prompt_length, answer_length, config.block_length or answer_length,
