@@ -416,3 +416,33 @@ def test_two_processes_give_the_loss_curve_of_gradient_accumulation(tmp_path, pr
     one_process.train()
     expected = {str(step): loss for step, loss in logged_losses(one_process).items()}
     assert two_processes["losses"] == pytest.approx(expected, rel=1e-5)
+
+
+# ---- command line ----
+
+
+def test_cli_train_stage_takes_the_official_hyperparameters_as_defaults(tmp_path, processor):
+    from llada_hf.cli import main
+
+    model = tiny_llada_v()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    rows = []
+    for i, (name, image) in enumerate(colour_rows(4)):
+        image.save(tmp_path / f"{i}.png")
+        rows.append({"image": str(tmp_path / f"{i}.png"), "prompt": "<image>", "completion": f" a {name} square"})
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    out = tmp_path / "trained"
+    code = main(["train", "--model_name_or_path", str(tmp_path / "model"), "--dataset_path",
+                 str(tmp_path / "captions.jsonl"), "--stage", "projector", "--output_dir", str(out), "--max_steps", "1",
+                 "--per_device_train_batch_size", "2", "--report_to", "none", "--gradient_checkpointing", "false"])
+    assert code == 0
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert args.stage == "projector" and args.image_prompt_template == "plain"
+    assert (args.learning_rate, args.lr_scheduler_type, args.warmup_steps, args.max_length) == (
+        1e-3, "cosine", 0.03, 8192)  # official
+    assert args.per_device_train_batch_size == 2  # given on the command line
+    trained = LladaVForConditionalGeneration.from_pretrained(out)
+    for name, value in trained.state_dict().items():
+        if module_group(name) != "multi_modal_projector":
+            assert torch.equal(value, model.state_dict()[name]), name

@@ -299,14 +299,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_train(argv: list[str]) -> None:
-    """`llada-hf train`: DiffusionSFTConfig fields as flags, a local dataset; works under `accelerate launch`."""
+    """`llada-hf train`: DiffusionSFTConfig fields as flags, a local dataset; works under `accelerate launch`.
+
+    LLaDA-V folders train with their processor on image datasets; `--stage projector|instruct|reasoning` selects
+    the stage preset and takes the official hyperparameters as defaults (any flag given overrides them)."""
     from dataclasses import dataclass, field
 
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
     from trl import TrlParser
 
     import llada_hf  # noqa: F401
-    from .trainers import DiffusionSFTConfig, DiffusionSFTTrainer
+    from .trainers import STAGE_PRESETS, DiffusionSFTConfig, DiffusionSFTTrainer, language_model_lora_config
 
     @dataclass
     class TrainScriptArguments:
@@ -318,14 +321,20 @@ def cmd_train(argv: list[str]) -> None:
         lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
 
     parser = TrlParser((TrainScriptArguments, DiffusionSFTConfig), prog="llada-hf train")
+    stage = stage_in_argv(argv)
+    if stage is not None:  # the official hyperparameters of the stage, as defaults
+        parser.set_defaults(**STAGE_PRESETS[stage].official_args)
     script_args, training_args = parser.parse_args_and_config(argv)
     # Paths first (the dataset's is checked before it is read): a typo must not cost a model load
     check_model_path(script_args.model_name_or_path)
     dataset = load_local_dataset(script_args.dataset_path, script_args.dataset_split)
-    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+    vision = AutoConfig.from_pretrained(script_args.model_name_or_path).model_type == "llada_v"
+    tokenizer = (AutoProcessor if vision else AutoTokenizer).from_pretrained(script_args.model_name_or_path)
     model = AutoModel.from_pretrained(script_args.model_name_or_path)
     peft_config = None
-    if script_args.use_peft:
+    if script_args.use_peft and vision:  # LoRA on the language model, the projector fully trained
+        peft_config = language_model_lora_config(r=script_args.lora_r, lora_alpha=script_args.lora_alpha)
+    elif script_args.use_peft:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=script_args.lora_r, lora_alpha=script_args.lora_alpha, target_modules="all-linear")
@@ -333,6 +342,18 @@ def cmd_train(argv: list[str]) -> None:
                                   peft_config=peft_config)
     trainer.train()
     trainer.save_model()
+
+
+def stage_in_argv(argv: list[str]) -> str | None:
+    """The value of `--stage` (`--stage X` or `--stage=X`) when it names a preset; the parser judges the rest."""
+    from .trainers.stages import STAGE_PRESETS
+
+    for index, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--stage=") else argv[index + 1] if (
+            arg == "--stage" and index + 1 < len(argv)) else None
+        if value in STAGE_PRESETS:
+            return value
+    return None
 
 
 DATASET_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
