@@ -5,6 +5,10 @@ A card describes one of three kinds of checkpoint:
 - a full model (weights + config + the bundle's code; runs with `trust_remote_code=True`);
 - a LoRA adapter, published as an adapter (loads on top of its base model with PEFT);
 - a LoRA adapter merged into its base on publishing (`merge_adapter=True`): a full model again.
+
+Each is a text model (`LladaForMaskedDiffusion`, pipeline tag text-generation) or a vision-language model
+(`LladaVForConditionalGeneration`, LLaDA-V: pipeline tag image-text-to-text, published with its processor; its
+snippet asks about an image).
 """
 
 import json
@@ -23,8 +27,9 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import GenerationConfig, PretrainedConfig
 
 from ..configuration_llada import LladaConfig
+from ..configuration_llada_v import LladaVConfig
 from ..generation_llada import DiffusionGenerationConfig
-from ..modeling_llada import BUNDLE_FILES
+from ..modeling_llada import BUNDLE_FILES, VISION_BUNDLE_FILES
 
 
 TAGS = ["llada", "masked-diffusion"]
@@ -36,6 +41,17 @@ ADAPTER_TAGS = ["lora", "peft"]
 SNIPPET_SETTINGS = ("max_new_tokens", "steps", "block_length", "remasking", "temperature", "cfg_scale")
 
 SNIPPET_PROMPT = "Write a short poem about the sea."
+SNIPPET_IMAGE_PROMPT = "What is in the image?"
+SNIPPET_IMAGE_FILE = "photo.jpg"
+
+# What `processor.save_pretrained` writes (LLaDA-V) and `AutoProcessor` reads.
+PROCESSOR_FILE = "processor_config.json"
+
+# The model types a card describes, and the config class that reads each from a saved folder.
+CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
+    LladaConfig.model_type: LladaConfig,
+    LladaVConfig.model_type: LladaVConfig,
+}
 
 LLADA_CITATION = """@article{nie2025large,
   title={Large Language Diffusion Models},
@@ -65,6 +81,8 @@ class CheckpointFacts:
         is_adapter: published as an adapter (not merged into its base).
         has_chat_template: the tokenizer has a chat template (the snippet then uses it).
         base_in_official_layout: the (base) model was loaded from an official GSAI-ML checkpoint.
+        has_processor: published with an image processor (LLaDA-V); tells a vision adapter folder, which holds no
+            config, from a text one.
     """
 
     config: PretrainedConfig | None
@@ -74,10 +92,16 @@ class CheckpointFacts:
     is_adapter: bool
     has_chat_template: bool
     base_in_official_layout: bool
+    has_processor: bool = False
 
     @property
     def is_vision(self) -> bool:
-        return getattr(self.config, "vision_config", None) is not None
+        return getattr(self.config, "vision_config", None) is not None or self.has_processor
+
+    @property
+    def bundle_files(self) -> tuple[str, ...]:
+        """The modeling code a full-model repo carries (the vision bundle on top of the text one for LLaDA-V)."""
+        return BUNDLE_FILES + (VISION_BUNDLE_FILES if self.is_vision else ())
 
 
 def render_model_card(
@@ -97,11 +121,12 @@ def render_model_card(
     """Render the Hub model card (README.md) of a LLaDA checkpoint that will live at `repo_id`.
 
     Args:
-        model: a `LladaForMaskedDiffusion`, a PEFT model wrapping one (a LoRA adapter), or the path of a
-            folder saved by `save_pretrained` (model or adapter).
+        model: a `LladaForMaskedDiffusion` or `LladaVForConditionalGeneration`, a PEFT model wrapping one (a LoRA
+            adapter), or the path of a folder saved by `save_pretrained` (model or adapter).
         repo_id: "owner/name" on the Hub; the usage snippet loads the checkpoint from there.
-        tokenizer: the tokenizer published with the model; with a chat template, the snippet uses it.
-            Not needed when `model` is a folder (the folder's tokenizer files are read).
+        tokenizer: the tokenizer published with the model; with a chat template, the snippet uses it. For
+            LLaDA-V, its processor (the snippet always uses the processor's chat template). Not needed when
+            `model` is a folder (the folder's tokenizer files are read).
         trainer: a `transformers.Trainer` (e.g. `DiffusionSFTTrainer`), during or after training; its
             `state.log_history`, `args` and LoRA settings fill the "Training" section. Read only.
         base_model: Hub id of the model this one was fine-tuned from. Adapters default to the base PEFT
@@ -122,6 +147,14 @@ def render_model_card(
         >>> card = render_model_card(LladaForMaskedDiffusion(config), repo_id="alice/tiny-llada")
         >>> card.data.library_name, card.data.pipeline_tag, card.data.tags
         ('transformers', 'text-generation', ['llada', 'masked-diffusion', 'custom_code'])
+        >>> from llada_hf import LladaVConfig, LladaVForConditionalGeneration
+        >>> vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...               image_size=28, patch_size=14, vision_use_head=False)
+        >>> config_v = LladaVConfig(text_config=config, vision_config=vision, image_token_id=62,
+        ...                         image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]])
+        >>> card = render_model_card(LladaVForConditionalGeneration(config_v), repo_id="alice/tiny-llada-v")
+        >>> card.data.pipeline_tag, "AutoModelForImageTextToText" in str(card)
+        ('image-text-to-text', True)
         ```
     """
     check_repo_id(repo_id)
@@ -188,6 +221,7 @@ def facts_from_model(model: Any, tokenizer: Any, *, merge_adapter: bool = False)
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
         # transformers records the weight renamings it applied while loading (official names -> ours)
         base_in_official_layout=bool(getattr(base, "_weight_conversions", None)),
+        has_processor=hasattr(tokenizer, "image_processor"),
     )
 
 
@@ -201,8 +235,9 @@ def facts_from_folder(folder: str | os.PathLike) -> CheckpointFacts:
         config, generation_config = None, None
     elif (folder / "config.json").is_file():
         lora = None
-        check_is_llada(json.loads((folder / "config.json").read_text()).get("model_type"))
-        config = LladaConfig.from_pretrained(folder)
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        check_is_llada(model_type)
+        config = CONFIG_CLASSES[model_type].from_pretrained(folder)
         has_generation_config = (folder / "generation_config.json").is_file()
         generation_config = DiffusionGenerationConfig.from_pretrained(folder) if has_generation_config else None
     else:
@@ -218,6 +253,7 @@ def facts_from_folder(folder: str | os.PathLike) -> CheckpointFacts:
         is_adapter=lora is not None,
         has_chat_template=folder_has_chat_template(folder),
         base_in_official_layout=False,  # unknowable from an adapter folder
+        has_processor=(folder / PROCESSOR_FILE).is_file(),
     )
 
 
@@ -230,9 +266,9 @@ def active_peft_config(model: Any) -> Any | None:
 
 
 def check_is_llada(model_type: str | None) -> None:
-    if model_type != LladaConfig.model_type:
+    if model_type not in CONFIG_CLASSES:
         raise TypeError(
-            f"Expected a LLaDA model (model_type 'llada'), got model_type {model_type!r}. "
+            f"Expected a LLaDA model (model_type 'llada', or 'llada_v' for LLaDA-V), got model_type {model_type!r}. "
             "llada_hf.hub_card publishes LLaDA checkpoints with their own modeling code."
         )
 
@@ -292,16 +328,22 @@ def describe(facts: CheckpointFacts, model_name: str, base_model: str | None, de
         lora = facts.lora
         intro = (
             f"A LoRA adapter (r={lora.r}, alpha={lora.lora_alpha}, on {format_targets(lora.target_modules)}) for "
-            f"{base_link}, a masked diffusion language model of the [LLaDA](https://arxiv.org/abs/2502.09992) "
-            "family. Load the base model with `trust_remote_code=True`, then apply this adapter with PEFT."
+            f"{base_link}, a {family(facts)}. Load the base model with `trust_remote_code=True`, then apply this "
+            "adapter with PEFT."
         )
     else:
         origin = f", fine-tuned from {base_link}" if base_link else ""
+        vision = (
+            " A SigLIP vision tower and an MLP projector turn each image into features that take the place of the "
+            "image's tokens in the prompt."
+            if facts.is_vision
+            else ""
+        )
         intro = (
-            f"A masked diffusion language model of the [LLaDA](https://arxiv.org/abs/2502.09992) family{origin}. "
+            f"A {family(facts)}{origin}.{vision} "
             "Its Transformer attends in both directions; it writes an answer by starting from an all-masked "
             "answer and unmasking it over a number of denoising steps, not left to right.\n\n"
-            f"The repository carries its own modeling code ({', '.join(f'`{name}`' for name in BUNDLE_FILES)}), "
+            f"The repository carries its own modeling code ({', '.join(f'`{name}`' for name in facts.bundle_files)}), "
             "so it runs with plain `transformers` and `trust_remote_code=True`."
         )
     parts = [f"# {model_name}", intro]
@@ -312,22 +354,41 @@ def describe(facts: CheckpointFacts, model_name: str, base_model: str | None, de
     return "\n\n".join(parts)
 
 
+def family(facts: CheckpointFacts) -> str:
+    """What kind of model the checkpoint is, with a link to its paper."""
+    if facts.is_vision:
+        return "vision-language masked diffusion model of the [LLaDA-V](https://arxiv.org/abs/2505.16933) family"
+    return "masked diffusion language model of the [LLaDA](https://arxiv.org/abs/2502.09992) family"
+
+
 def architecture_table(config: PretrainedConfig) -> str:
+    """The language model's sizes (a LLaDA-V config's `text_config`), then the vision tower's, if any."""
+    text = config.get_text_config()
     rows = [
-        ("Layers", config.num_hidden_layers),
-        ("Hidden size", config.hidden_size),
-        ("Attention heads (key/value heads)", f"{config.num_attention_heads} ({config.num_key_value_heads})"),
-        ("MLP hidden size", config.intermediate_size),
-        ("Vocabulary (embedding rows)", config.vocab_size),
-        ("Context length", config.max_position_embeddings),
-        ("Tied embedding and LM head", "yes" if config.tie_word_embeddings else "no"),
-        ("Mask token id", config.mask_token_id),
+        ("Layers", text.num_hidden_layers),
+        ("Hidden size", text.hidden_size),
+        ("Attention heads (key/value heads)", f"{text.num_attention_heads} ({text.num_key_value_heads})"),
+        ("MLP hidden size", text.intermediate_size),
+        ("Vocabulary (embedding rows)", text.vocab_size),
+        ("Context length", text.max_position_embeddings),
+        ("Tied embedding and LM head", "yes" if text.tie_word_embeddings else "no"),
+        ("Mask token id", text.mask_token_id),
     ]
+    vision = getattr(config, "vision_config", None)
+    if isinstance(vision, PretrainedConfig):
+        features = (vision.image_size // vision.patch_size) ** 2
+        rows += [
+            ("Vision tower", f"SigLIP: {vision.num_hidden_layers} layers, hidden size {vision.hidden_size}"),
+            ("Image crops", f"{vision.image_size} px, patch {vision.patch_size}: {features} features per crop"),
+            ("Crop grids (anyres)", f"{len(config.image_grid_pinpoints)} grids, `{config.vision_aspect_ratio}`"),
+            ("Image token id", config.image_token_id),
+        ]
     return "## Architecture\n\n" + markdown_table(("Setting", "Value"), rows)
 
 
 def usage_section(facts: CheckpointFacts, repo_id: str, base_model: str | None) -> str:
     peft_note = ", `peft`" if facts.is_adapter else ""
+    pillow_note = ", `pillow`" if facts.is_vision else ""
     settings_owner = "the base model's" if facts.is_adapter else "this checkpoint's"
     settings_note = (
         f" The `generate` arguments below are the ones saved in {settings_owner} `generation_config.json` "
@@ -337,15 +398,22 @@ def usage_section(facts: CheckpointFacts, repo_id: str, base_model: str | None) 
         else ""
     )
     return (
-        f"## Usage\n\nNeeds `torch`, `transformers>={transformers.__version__}`{peft_note}; not `llada-hf`."
-        f"{settings_note}\n\n```python\n{usage_snippet(facts, repo_id, base_model)}```"
+        f"## Usage\n\nNeeds `torch`, `transformers>={transformers.__version__}`{pillow_note}{peft_note}; not "
+        f"`llada-hf`.{settings_note}\n\n```python\n{usage_snippet(facts, repo_id, base_model)}```"
     )
 
 
 def usage_snippet(facts: CheckpointFacts, repo_id: str, base_model: str | None) -> str:
-    """Python source that loads the published checkpoint and generates an answer to one prompt."""
+    """Python source that loads the published checkpoint and generates an answer to one prompt (for LLaDA-V:
+    one question about an image file)."""
+    if facts.is_vision:
+        return f"{snippet_load_vision(facts, repo_id, base_model)}\n{snippet_ask_vision(facts)}"
+    return f"{snippet_load_text(facts, repo_id, base_model)}\n{snippet_ask_text(facts)}"
+
+
+def snippet_load_text(facts: CheckpointFacts, repo_id: str, base_model: str | None) -> str:
     if facts.is_adapter:
-        load = (
+        return (
             "from peft import PeftModel\n"
             "from transformers import AutoModel, AutoTokenizer\n\n"
             f'adapter_id = "{repo_id}"\n'
@@ -353,14 +421,36 @@ def usage_snippet(facts: CheckpointFacts, repo_id: str, base_model: str | None) 
             f'model = AutoModel.from_pretrained("{base_model}", trust_remote_code=True, dtype="auto")\n'
             "model = PeftModel.from_pretrained(model, adapter_id).eval()\n"
         )
-    else:
-        load = (
-            "from transformers import AutoModel, AutoTokenizer\n\n"
-            f'model_id = "{repo_id}"\n'
-            # config.json's auto_map points at the repo's code; AutoTokenizer reads it too
-            "tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)\n"
-            'model = AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype="auto").eval()\n'
+    return (
+        "from transformers import AutoModel, AutoTokenizer\n\n"
+        f'model_id = "{repo_id}"\n'
+        # config.json's auto_map points at the repo's code; AutoTokenizer reads it too
+        "tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)\n"
+        'model = AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype="auto").eval()\n'
+    )
+
+
+def snippet_load_vision(facts: CheckpointFacts, repo_id: str, base_model: str | None) -> str:
+    """The processor's code lives in the model repo (an adapter repo has none: its base's is used)."""
+    imports = "from PIL import Image\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+    if facts.is_adapter:
+        return (
+            "from peft import PeftModel\n"
+            f"{imports}"
+            f'base_id, adapter_id = "{base_model}", "{repo_id}"\n'
+            "processor = AutoProcessor.from_pretrained(base_id, trust_remote_code=True)\n"
+            'model = AutoModelForImageTextToText.from_pretrained(base_id, trust_remote_code=True, dtype="auto")\n'
+            "model = PeftModel.from_pretrained(model, adapter_id).eval()\n"
         )
+    return (
+        f"{imports}"
+        f'model_id = "{repo_id}"\n'
+        "processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)\n"
+        'model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype="auto").eval()\n'
+    )
+
+
+def snippet_ask_text(facts: CheckpointFacts) -> str:
     if facts.has_chat_template:
         prompt = (
             f'messages = [{{"role": "user", "content": "{SNIPPET_PROMPT}"}}]\n'
@@ -371,14 +461,38 @@ def usage_snippet(facts: CheckpointFacts, repo_id: str, base_model: str | None) 
     else:
         prompt = f'inputs = tokenizer("{SNIPPET_PROMPT}", return_tensors="pt")\n'
     arguments = ['inputs["input_ids"]', 'attention_mask=inputs["attention_mask"]']
-    settings = snippet_settings(facts.generation_config)
-    arguments += [f"{name}={python_literal(value)}" for name, value in settings.items()]
-    generate = (
-        "output = model.generate(\n" + "".join(f"    {argument},\n" for argument in arguments) + ")\n"
-        'answer = output[0, inputs["input_ids"].shape[1]:]  # generate returns prompt + answer\n'
+    return (
+        prompt
+        + snippet_generate(arguments, facts)
+        + 'answer = output[0, inputs["input_ids"].shape[1]:]  # generate returns prompt + answer\n'
         "print(tokenizer.decode(answer, skip_special_tokens=True))\n"
     )
-    return f"{load}\n{prompt}{generate}"
+
+
+def snippet_ask_vision(facts: CheckpointFacts) -> str:
+    """LLaDA-V's prompt is the processor's chat template; the answer is cut at its first end token (EOS or
+    `<|eot_id|>`: the official sampler never generates EOS inside an answer, so what follows the end of turn is
+    filler)."""
+    return (
+        f'image = Image.open("{SNIPPET_IMAGE_FILE}")  # any picture\n'
+        f'question = {{"type": "text", "text": "{SNIPPET_IMAGE_PROMPT}"}}\n'
+        'messages = [{"role": "user", "content": [{"type": "image", "image": image}, question]}]\n'
+        "inputs = processor.apply_chat_template(\n"
+        '    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"\n'
+        ")\n"
+        + snippet_generate(["**inputs"], facts)
+        + 'answer = output[0, inputs["input_ids"].shape[1]:].tolist()  # generate returns prompt + answer\n'
+        'ends = [processor.tokenizer.eos_token_id, processor.tokenizer.convert_tokens_to_ids("<|eot_id|>")]\n'
+        "answer = answer[: min([answer.index(end) for end in ends if end in answer], default=len(answer))]\n"
+        "print(processor.decode(answer, skip_special_tokens=True))\n"
+    )
+
+
+def snippet_generate(arguments: list[str], facts: CheckpointFacts) -> str:
+    """`output = model.generate(...)` with the inputs and the checkpoint's own settings, one per line."""
+    settings = snippet_settings(facts.generation_config)
+    arguments = arguments + [f"{name}={python_literal(value)}" for name, value in settings.items()]
+    return "output = model.generate(\n" + "".join(f"    {argument},\n" for argument in arguments) + ")\n"
 
 
 def snippet_settings(generation_config: GenerationConfig | None) -> dict[str, Any]:

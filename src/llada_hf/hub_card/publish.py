@@ -1,7 +1,8 @@
 """Publish a LLaDA checkpoint to the Hugging Face Hub: one folder, one commit.
 
 The folder holds everything a stranger needs with only `torch` and `transformers`: weights, config,
-generation config, tokenizer, the bundle's modeling code and the model card. It is written locally
+generation config, tokenizer (for LLaDA-V: the processor), the bundle's modeling code and the model card. It is
+written locally
 first, so what is uploaded is exactly what was saved (and can be inspected, or re-uploaded with
 `publish_folder`, if the upload fails).
 """
@@ -16,10 +17,17 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 
-from ..configuration_llada import LladaConfig
-from ..modeling_llada import BUNDLE_FILES, copy_bundle_files
+from ..modeling_llada import copy_bundle_files
 from ..tokenization import set_mask_token
-from .card import CheckpointFacts, check_repo_id, facts_from_folder, facts_from_model, render_model_card
+from .card import (
+    CONFIG_CLASSES,
+    PROCESSOR_FILE,
+    CheckpointFacts,
+    check_repo_id,
+    facts_from_folder,
+    facts_from_model,
+    render_model_card,
+)
 
 
 # A saved tokenizer always writes one of these; without them the published checkpoint cannot be used.
@@ -70,10 +78,12 @@ def publish(
     model type); write the folder; create the repo if needed; upload every file of the folder in one commit.
 
     Args:
-        model: a `LladaForMaskedDiffusion`, or a PEFT model wrapping one. A PEFT model is published as an
-            adapter (adapter files + a card pointing at the base model), or with `merge_adapter=True` as a
-            full model with the adapter merged in (the merge runs on a copy; `model` is left unchanged).
-        tokenizer: the model's tokenizer (required: the checkpoint is unusable without it).
+        model: a `LladaForMaskedDiffusion` or `LladaVForConditionalGeneration`, or a PEFT model wrapping one. A
+            PEFT model is published as an adapter (adapter files + a card pointing at the base model), or with
+            `merge_adapter=True` as a full model with the adapter merged in (the merge runs on a copy; `model` is
+            left unchanged).
+        tokenizer: the model's tokenizer; for LLaDA-V its processor (`LladaVProcessor`). Required: the checkpoint
+            is unusable without it.
         repo_id: "owner/name".
         card: the model card; default: `render_model_card(model, repo_id=..., tokenizer=..., base_model=...,
             merge_adapter=...)`. Render it yourself to add a trainer, datasets, evaluation results, a license.
@@ -111,8 +121,10 @@ def publish(
     check_repo_id(repo_id)
     check_tokenizer(tokenizer)
     facts = facts_from_model(model, tokenizer, merge_adapter=merge_adapter)  # refuses what cannot be published
+    check_processor(tokenizer, facts)
     check_mask_token_id(facts)
-    set_mask_token(tokenizer, facts.config.get_text_config().mask_token_id)  # saved, so tools reading it find it
+    text_tokenizer = tokenizer.tokenizer if facts.is_vision else tokenizer
+    set_mask_token(text_tokenizer, facts.config.get_text_config().mask_token_id)  # saved, so tools reading it find it
     if card is None:
         card = render_model_card(
             model, repo_id=repo_id, tokenizer=tokenizer, base_model=base_model, merge_adapter=merge_adapter
@@ -159,9 +171,10 @@ def publish_folder(
     This is what `llada-hf publish PATH REPO_ID [--private] [--dry-run]` runs. The card is rendered from the
     folder and written to `PATH/README.md`, replacing any README.md there; to keep your own, pass
     `card=ModelCard.load(PATH / "README.md")`. A model folder must contain the bundle's code
-    (`save_pretrained` of `LladaForMaskedDiffusion` writes it). `dry_run` writes the card and returns the
-    planned files without network access. An adapter folder needs `base_model` (the base's Hub id) unless
-    PEFT recorded its base as a Hub id. Other arguments as in `publish`.
+    (`save_pretrained` of `LladaForMaskedDiffusion` writes it; of `LladaVForConditionalGeneration`, the vision
+    bundle too) and, for LLaDA-V, the processor (`processor.save_pretrained`). `dry_run` writes the card and
+    returns the planned files without network access. An adapter folder needs `base_model` (the base's Hub id)
+    unless PEFT recorded its base as a Hub id. Other arguments as in `publish`.
 
     Example:
         ```python
@@ -185,7 +198,7 @@ def publish_folder(
     if not folder.is_dir():
         raise FileNotFoundError(f"No such folder: {str(folder)!r}; pass the folder written by save_pretrained.")
     facts = facts_from_folder(folder)  # also refuses a folder that is neither a LLaDA model nor an adapter
-    check_folder_complete(folder, is_adapter=facts.is_adapter)
+    check_folder_complete(folder, facts)
     check_mask_token_id(facts)
     name_folder_mask_token(folder, facts)
     if card is None:
@@ -213,7 +226,7 @@ def add_card_and_code(
     **card_options: Any,
 ) -> ModelCard:
     """Write into `folder` what a Hub upload needs beyond the weights and config: the model card (README.md)
-    and, for a full model, the bundle's .py files. Returns the card.
+    and, for a full model, the bundle's .py files (for LLaDA-V, the vision bundle's too). Returns the card.
 
     For trainers, whose own pushes upload `output_dir` with `upload_folder`: transformers writes its own card
     there and, on `hub_strategy` checkpoint pushes, copies only weights and config files into it. Call this
@@ -245,8 +258,9 @@ def add_card_and_code(
     card = render_model_card(model, repo_id=repo_id, tokenizer=tokenizer, trainer=trainer, **card_options)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if not facts_from_model(model, tokenizer).is_adapter:
-        copy_bundle_files(folder)
+    facts = facts_from_model(model, tokenizer)
+    if not facts.is_adapter:
+        copy_bundle_files(folder, facts.bundle_files)
     card.save(folder / "README.md")
     return card
 
@@ -265,6 +279,16 @@ def check_tokenizer(tokenizer: Any) -> None:
         )
 
 
+def check_processor(tokenizer: Any, facts: CheckpointFacts) -> None:
+    """A LLaDA-V model is published with its processor: without it the images of a prompt cannot be prepared."""
+    if facts.is_vision and not hasattr(tokenizer, "image_processor"):
+        raise ValueError(
+            f"A LLaDA-V model is published with its processor (LladaVProcessor: image processor, tokenizer and chat "
+            f"template), got a {type(tokenizer).__name__}. Pass the processor, e.g. "
+            "AutoProcessor.from_pretrained(...) or LladaVProcessor(tokenizer=tokenizer)."
+        )
+
+
 def check_mask_token_id(facts: CheckpointFacts) -> None:
     """A model must know its mask token id: without it the published checkpoint could not generate. (An adapter
     folder carries no config: its base model's is checked when that is published.)"""
@@ -280,15 +304,19 @@ def check_mask_token_id(facts: CheckpointFacts) -> None:
         )
 
 
-def check_folder_complete(folder: Path, *, is_adapter: bool) -> None:
-    """A model folder needs its bundle code; any folder needs the tokenizer."""
-    missing = [] if is_adapter else [name for name in BUNDLE_FILES if not (folder / name).is_file()]
+def check_folder_complete(folder: Path, facts: CheckpointFacts) -> None:
+    """A model folder needs its bundle code (LLaDA-V: the vision bundle too, and the processor); any folder needs
+    the tokenizer."""
+    missing = [] if facts.is_adapter else [name for name in facts.bundle_files if not (folder / name).is_file()]
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         missing.append(" or ".join(TOKENIZER_FILES))
+    if facts.is_vision and not (folder / PROCESSOR_FILE).is_file():
+        missing.append(PROCESSOR_FILE)
     if missing:
+        inputs = "processor" if facts.is_vision else "tokenizer"
         raise ValueError(
-            f"{folder} lacks {', '.join(missing)}. Save the model with LladaForMaskedDiffusion.save_pretrained "
-            "(it writes the bundle code) and the tokenizer with tokenizer.save_pretrained into the same folder."
+            f"{folder} lacks {', '.join(missing)}. Save the model with its save_pretrained (it writes the bundle "
+            f"code) and the {inputs} with {inputs}.save_pretrained into the same folder."
         )
 
 
@@ -299,7 +327,7 @@ def check_remote_repo(api: HfApi, repo_id: str) -> bool:
     except RepositoryNotFoundError:
         return False
     model_type = (info.config or {}).get("model_type")
-    if model_type not in (None, LladaConfig.model_type):
+    if model_type is not None and model_type not in CONFIG_CLASSES:
         raise ValueError(
             f"The Hub repo {repo_id} already holds a model of type {model_type!r}; publishing a LLaDA checkpoint "
             "there would mix two models. Choose another repo id."
