@@ -335,6 +335,25 @@ class DiffusionGenerationConfig(GenerationConfig):
 # --------------------------------------------------------------------------------------------------
 
 
+def _with_transformers_conventions(config: DiffusionGenerationConfig, kwargs: dict) -> dict:
+    """A call's `max_length` and `do_sample` mean what they mean in transformers: `max_length` (prompt + answer)
+    decides the answer length unless `max_new_tokens` is given too; `do_sample=True` samples at temperature 1
+    unless one is set; `do_sample=False` is greedy (a warning when a temperature was passed with it)."""
+    kwargs = dict(kwargs)
+    if kwargs.get("max_length") is not None:
+        if kwargs.get("max_new_tokens") is None:
+            config.max_new_tokens = None  # max_length decides the answer length for this call
+        else:
+            warnings.warn("Both `max_new_tokens` and `max_length` were given; `max_new_tokens` decides the "
+                          "answer length (as in transformers).", UserWarning, stacklevel=5)
+    if kwargs.get("do_sample") is True and "temperature" not in kwargs and not config.temperature:
+        kwargs["temperature"] = 1.0  # transformers' default sampling temperature
+    if kwargs.get("do_sample") is False and (kwargs.get("temperature") or 0) > 0:
+        warnings.warn(f"`do_sample=False`: greedy decoding; `temperature={kwargs['temperature']}` is used only "
+                      "when sampling. Set `do_sample=True` or drop `temperature`.", UserWarning, stacklevel=5)
+    return kwargs
+
+
 class DiffusionGenerationMixin:
     """Gives `LladaForMaskedDiffusion` the diffusion `generate()` (and `infill()`, `prepare_decoding()`).
 
@@ -539,18 +558,7 @@ class DiffusionGenerationMixin:
         config = DiffusionGenerationConfig.from_dict(base.to_dict())
         if isinstance(getattr(base, "remasking", None), RemaskingStrategy):
             config.remasking = base.remasking
-        kwargs = dict(kwargs)
-        if kwargs.get("max_length") is not None:
-            if kwargs.get("max_new_tokens") is None:
-                config.max_new_tokens = None  # max_length decides the answer length for this call
-            else:
-                warnings.warn("Both `max_new_tokens` and `max_length` were given; `max_new_tokens` decides the "
-                              "answer length (as in transformers).", UserWarning, stacklevel=4)
-        if kwargs.get("do_sample") is True and "temperature" not in kwargs and not config.temperature:
-            kwargs["temperature"] = 1.0  # transformers' default sampling temperature
-        if kwargs.get("do_sample") is False and (kwargs.get("temperature") or 0) > 0:
-            warnings.warn(f"`do_sample=False`: greedy decoding; `temperature={kwargs['temperature']}` is used only "
-                          "when sampling. Set `do_sample=True` or drop `temperature`.", UserWarning, stacklevel=4)
+        kwargs = _with_transformers_conventions(config, kwargs)
         # The model config is the fallback for the token ids (generation_config.json may omit them).
         for key in ("mask_token_id", "eos_token_id", "pad_token_id"):
             if getattr(config, key, None) is None:
