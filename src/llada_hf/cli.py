@@ -449,7 +449,18 @@ def cmd_export(args: argparse.Namespace) -> None:
 # ---- demo ----------------------------------------------------------------------------------------
 
 
+DEMO_OUTPUT_DIR = "outputs/demo"
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
+    if args.vision:
+        from .demo_vision import DEFAULT_VISION, QUICK_VISION, run_vision_demo
+
+        if args.large:
+            raise CliError("--large has no vision variant: use `llada-hf demo --vision` or `--vision --quick`.")
+        output_dir = "outputs/demo-vision" if args.output_dir == DEMO_OUTPUT_DIR else args.output_dir
+        run_vision_demo(output_dir, seed=args.seed, settings=QUICK_VISION if args.quick else DEFAULT_VISION)
+        return
     from .demo import DEFAULT, LARGE, QUICK, run_demo
 
     settings = QUICK if args.quick else LARGE if args.large else DEFAULT
@@ -464,11 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the reversal experiment in miniature (the main job)")
-    demo.add_argument("--output-dir", default="outputs/demo")
+    demo.add_argument("--output-dir", default=DEMO_OUTPUT_DIR)
     demo.add_argument("--seed", type=int, default=0)
     size = demo.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
     size.add_argument("--large", action="store_true", help="a bigger run that shows the effect more strongly")
+    demo.add_argument("--vision", action="store_true",
+                      help="the LLaDA-V miniature instead: three training stages on pictures, beside an AR LLaVA")
     demo.set_defaults(func=cmd_demo)
 
     generate = sub.add_parser("generate", help="generate answers to prompts")

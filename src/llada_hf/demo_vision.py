@@ -1,0 +1,372 @@
+"""The vision miniature: LLaDA-V's three training stages on synthetic pictures, beside an autoregressive LLaVA.
+
+1. makes pictures of coloured shapes on a 56 x 56 canvas (a 4 x 4 grid of cells, one shape per column, so "left
+   of" is always clear), with a caption, questions and reasoning questions for each (deterministic, seeded);
+2. trains a word-level BPE tokenizer with LLaDA's special tokens, and builds a tiny SigLIP tower, shared (same
+   weights at the start) by a tiny `LladaVForConditionalGeneration` and a `LlavaForConditionalGeneration` with a
+   Llama language model of the same size;
+3. trains both, stage by stage, on the same rows with the same budget: stage 1 (projector only, captions, the
+   `plain` template), stage 2 (everything, questions), stage 3 (everything, "how many red shapes are left of the
+   circle?" answered with a short chain of reasoning). LLaDA-V: `DiffusionSFTTrainer` with `stage=...`; LLaVA:
+   TRL's `SFTTrainer`, with the same trainable modules and tower learning rate;
+4. after each stage asks both models about held-out pictures (exact match of the caption, of the answer, of the
+   final answer of the reasoning) and prints the table;
+5. writes a PNG grid of test pictures with both models' answers.
+
+Run it with `llada-hf demo --vision` (`--quick` for a < 1 minute smoke run).
+"""
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image, ImageDraw
+
+from .tokenization import EOS, EOT, train_tokenizer
+
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230)}
+CANVAS, CELL = 56, 14  # 4 x 4 cells, one SigLIP patch each
+SYSTEM = "Answer briefly."
+STAGES = ("projector", "instruct", "reasoning")
+
+
+@dataclass(frozen=True)
+class VisionDemoSettings:
+    """Sizes of one run (the same for both models)."""
+
+    train_scenes: int = 1200  # pictures per stage (each with its caption, 2 questions or 1 reasoning question)
+    test_scenes: int = 60
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    vision_hidden_size: int = 32
+    vision_layers: int = 2
+    epochs: tuple[int, int, int] = (2, 3, 4)  # per stage
+    batch_size: int = 16
+    learning_rate: tuple[float, float, float] = (1e-3, 1e-3, 1e-3)  # per stage; the tower at 0.2 x in stages 2-3
+    answer_tokens: int = 24  # diffusion answer length (= steps); the AR model's max_new_tokens
+    grid_pictures: int = 8
+    threads: int = 1  # tiny models train fastest on one thread
+
+
+QUICK_VISION = VisionDemoSettings(train_scenes=48, test_scenes=8, hidden_size=32, vision_hidden_size=16,
+                                  vision_layers=1, epochs=(1, 1, 1), batch_size=16, answer_tokens=16,
+                                  grid_pictures=4, threads=1)
+DEFAULT_VISION = VisionDemoSettings()
+
+
+# ---- 1. data ----
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Shapes left to right: (colour, shape, row) per occupied column."""
+
+    objects: tuple[tuple[str, str, int], ...]
+    columns: tuple[int, ...]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    count = rng.choice((2, 3, 4))
+    columns = tuple(sorted(rng.sample(range(4), count)))
+    shapes = rng.sample(SHAPES, count)
+    return Scene(tuple((rng.choice(list(COLOURS)), shape, rng.randrange(4)) for shape in shapes), columns)
+
+
+def draw(scene: Scene) -> Image.Image:
+    image = Image.new("RGB", (CANVAS, CANVAS), (245, 245, 240))
+    pen = ImageDraw.Draw(image)
+    for (colour, shape, row), column in zip(scene.objects, scene.columns):
+        x0, y0 = column * CELL + 2, row * CELL + 2
+        x1, y1, mx, my = x0 + CELL - 5, y0 + CELL - 5, x0 + (CELL - 5) // 2, y0 + (CELL - 5) // 2
+        fill = COLOURS[colour]
+        if shape == "circle":
+            pen.ellipse((x0, y0, x1, y1), fill=fill)
+        elif shape == "square":
+            pen.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), fill=fill)
+        elif shape == "triangle":
+            pen.polygon([(mx, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:
+            pen.polygon([(mx, y0), (x1, my), (mx, y1), (x0, my)], fill=fill)
+    return image
+
+
+def caption(scene: Scene) -> str:
+    return " , ".join(f"{colour} {shape}" for colour, shape, _ in scene.objects)
+
+
+def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """Two stage-2 questions (colour of a shape, shape on the left / right, number of shapes)."""
+    colour, shape, _ = rng.choice(scene.objects)
+    side = rng.choice(("left", "right"))
+    pool = [
+        (f"what colour is the {shape} ?", colour),
+        (f"what shape is on the {side} ?", scene.objects[0 if side == "left" else -1][1]),
+        ("how many shapes are there ?", str(len(scene.objects))),
+    ]
+    return rng.sample(pool, 2)
+
+
+def reasoning(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+    """A stage-3 question, its chain of reasoning, and the final answer (a count)."""
+    index = rng.randrange(len(scene.objects))
+    target = scene.objects[index][1]
+    colour = rng.choice(list(COLOURS))
+    left = scene.objects[:index]
+    count = sum(c == colour for c, _, _ in left)
+    listed = " , ".join(f"{c} {s}" for c, s, _ in left) or "nothing"
+    return (f"how many {colour} shapes are left of the {target} ?", f"left of the {target} : {listed} . answer {count}",
+            str(count))
+
+
+def final_answer(text: str) -> str:
+    return text.rsplit("answer", 1)[-1].strip() if "answer" in text else ""
+
+
+def chat_row(image: Image.Image, question: str, answer: str) -> dict:
+    """TRL's "images" + prompt/completion (conversational) format."""
+    return {"images": [image], "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+            "completion": [{"role": "assistant", "content": answer}]}
+
+
+def make_data(settings: VisionDemoSettings, seed: int) -> dict:
+    """Per stage, the training rows (the same for both models) and the held-out test items."""
+    rng = random.Random(seed)
+    data = {"train": {}, "test": {}}
+    for stage in STAGES:
+        scenes = [random_scene(rng) for _ in range(settings.train_scenes)]
+        if stage == "projector":
+            data["train"][stage] = [{"image": draw(s), "caption": caption(s)} for s in scenes]
+        elif stage == "instruct":
+            data["train"][stage] = [chat_row(draw(s), q, a) for s in scenes for q, a in questions(s, rng)]
+        else:
+            data["train"][stage] = [chat_row(draw(s), q, chain) for s in scenes for q, chain, _ in [reasoning(s, rng)]]
+    test_scenes = [random_scene(rng) for _ in range(settings.test_scenes)]
+    data["test"] = [{"scene": s, "image": draw(s), "caption": caption(s), "question": questions(s, rng)[0],
+                     "reasoning": reasoning(s, rng)} for s in test_scenes]
+    return data
+
+
+def build_tokenizer():
+    words = list(SHAPES) + list(COLOURS) + ["what", "colour", "is", "the", "shape", "on", "left", "right", "how",
+                                            "many", "shapes", "are", "there", "of", "answer", "nothing", "Answer",
+                                            "briefly", ",", ".", ":", "?"] + [str(i) for i in range(5)]
+    texts = [" ".join(words)] * 20 + [SYSTEM, "system user assistant"]
+    return train_tokenizer(texts, vocab_size=300)
+
+
+# ---- 2. models ----
+
+
+def build_models(settings: VisionDemoSettings, tokenizer, seed: int):
+    """(LLaDA-V, its processor, LLaVA, its processor): the same tower weights, language models of the same size."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from .configuration_llada import LladaConfig
+    from .configuration_llada_v import LladaVConfig
+    from .modeling_llada_v import LladaVForConditionalGeneration
+    from .processing_llada_v import LLADA_V_CHAT_TEMPLATE, LladaVProcessor, official_image_processor
+    from .tokenization import model_token_ids
+
+    llada_v_processor = LladaVProcessor(official_image_processor(CANVAS, [[CANVAS, CANVAS]]), tokenizer,
+                                        num_image_tokens=(CANVAS // CELL) ** 2, vision_aspect_ratio="anyres")
+    ids = model_token_ids(tokenizer)
+    sizes = dict(hidden_size=settings.hidden_size, intermediate_size=4 * settings.hidden_size,
+                 num_hidden_layers=settings.layers, num_attention_heads=settings.heads, max_position_embeddings=256)
+    vision = dict(hidden_size=settings.vision_hidden_size, intermediate_size=2 * settings.vision_hidden_size,
+                  num_hidden_layers=settings.vision_layers, num_attention_heads=2, image_size=CANVAS,
+                  patch_size=CELL, vision_use_head=False)
+    torch.manual_seed(seed)
+    llada_v = LladaVForConditionalGeneration(LladaVConfig(
+        text_config=LladaConfig(**sizes, **ids), vision_config=vision, image_token_id=llada_v_processor.image_token_id,
+        image_grid_pinpoints=[[CANVAS, CANVAS]], vision_aspect_ratio="anyres"))
+    llava_config = LlavaConfig(
+        vision_config={"model_type": "siglip_vision_model", **vision},
+        text_config=LlamaConfig(**sizes, vocab_size=ids["vocab_size"], bos_token_id=ids["bos_token_id"],
+                                eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"]),
+        image_token_id=llada_v_processor.image_token_id, vision_feature_select_strategy="full",
+        vision_feature_layer=-1, projector_hidden_act="gelu", image_seq_length=(CANVAS // CELL) ** 2)
+    torch.manual_seed(seed)
+    llava = LlavaForConditionalGeneration(llava_config)
+    llava.model.vision_tower.load_state_dict(llada_v.model.vision_tower.state_dict())  # the same tower
+    llava_processor = LlavaProcessor(
+        SiglipImageProcessorPil(size={"height": CANVAS, "width": CANVAS}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                resample=PILImageResampling.BICUBIC),
+        tokenizer, patch_size=CELL, vision_feature_select_strategy="full", chat_template=LLADA_V_CHAT_TEMPLATE)
+    return llada_v, llada_v_processor, llava, llava_processor
+
+
+# ---- 3. training ----
+
+
+def stage_rows(data: dict, stage: str, autoregressive: bool, eos: str) -> "Dataset":
+    """The stage's rows as a dataset: stage 1 as plain captions (the AR model gets the same text the plain template
+    renders: the image, the caption, a newline, EOS)."""
+    from datasets import Dataset
+
+    rows = data["train"][stage]
+    if stage == "projector":
+        suffix = "\n" + eos if autoregressive else ""
+        rows = [{"image": r["image"], "prompt": "<image>", "completion": " " + r["caption"] + suffix} for r in rows]
+    return Dataset.from_list(rows)
+
+
+def freeze_for_stage(model, stage: str) -> None:
+    """The stage's trainable modules on LLaVA (same groups as `apply_stage` on LLaDA-V)."""
+    for name, parameter in model.named_parameters():
+        group = "projector" if "multi_modal_projector" in name else "tower" if "vision_tower" in name else "lm"
+        parameter.requires_grad_(stage != "projector" or group == "projector")
+
+
+def tower_split_optimizer(model, learning_rate: float):
+    """AdamW with the vision tower at 0.2 x the learning rate (the LLaDA-V preset's ratio), for LLaVA."""
+    tower = [p for n, p in model.named_parameters() if "vision_tower" in n and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if "vision_tower" not in n and p.requires_grad]
+    groups = [{"params": rest, "lr": learning_rate}] + ([{"params": tower, "lr": 0.2 * learning_rate}] if tower else [])
+    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=0.0)
+
+
+def train_stage(model, processor, data, stage: str, index: int, settings, output_dir: str, autoregressive: bool):
+    """One stage of one model; returns its training time in seconds."""
+    from trl import SFTConfig, SFTTrainer
+
+    from .trainers import DiffusionSFTConfig, DiffusionSFTTrainer
+
+    common = dict(output_dir=os.path.join(output_dir, "ar" if autoregressive else "diffusion", stage),
+                  num_train_epochs=settings.epochs[index], per_device_train_batch_size=settings.batch_size,
+                  learning_rate=settings.learning_rate[index], lr_scheduler_type="cosine", warmup_steps=0.03,
+                  bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no", disable_tqdm=True,
+                  logging_steps=50, max_length=None, seed=index, use_cpu=True, weight_decay=0.0)
+    dataset = stage_rows(data, stage, autoregressive, processor.tokenizer.eos_token)
+    if autoregressive:
+        freeze_for_stage(model, stage)
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset,
+                             processing_class=processor,
+                             optimizers=(tower_split_optimizer(model, settings.learning_rate[index]), None))
+    else:
+        trainer = DiffusionSFTTrainer(model=model, args=DiffusionSFTConfig(**common, stage=stage),
+                                      train_dataset=dataset, processing_class=processor)
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+# ---- 4. evaluation ----
+
+
+def ask(model, processor, items: list[tuple[Image.Image, str]], settings, autoregressive: bool) -> list[str]:
+    """Greedy answers to (image, prompt text) items, cut at the first end token."""
+    from .streaming_llada import truncate_at_eos
+
+    tokenizer = processor.tokenizer
+    ends = [tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(EOT)]
+    model.eval()
+    answers = []
+    for start in range(0, len(items), 16):
+        chunk = items[start:start + 16]
+        inputs = processor(images=[[image] for image, _ in chunk], text=[text for _, text in chunk],
+                           return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        with torch.no_grad():
+            if autoregressive:
+                out = model.generate(**inputs, max_new_tokens=settings.answer_tokens, do_sample=False,
+                                     eos_token_id=ends, pad_token_id=ends[0])
+            else:
+                out = model.generate(**inputs, max_new_tokens=settings.answer_tokens, steps=settings.answer_tokens,
+                                     block_length=settings.answer_tokens)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        answers += [t.strip() for t in tokenizer.batch_decode(truncate_at_eos(new, ends), skip_special_tokens=True)]
+    model.train()
+    return answers
+
+
+def chat_prompt(processor, question: str) -> str:
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def evaluate(model, processor, data, settings, autoregressive: bool) -> tuple[dict, dict]:
+    """Exact match (%) of captions, answers and final reasoning answers on the held-out pictures, and the answers."""
+    test = data["test"]
+    captions = ask(model, processor, [(t["image"], "<image>") for t in test], settings, autoregressive)
+    answers = ask(model, processor, [(t["image"], chat_prompt(processor, t["question"][0])) for t in test], settings,
+                  autoregressive)
+    chains = ask(model, processor, [(t["image"], chat_prompt(processor, t["reasoning"][0])) for t in test], settings,
+                 autoregressive)
+    n = len(test)
+    scores = {
+        "caption": 100 * sum(a == t["caption"] for a, t in zip(captions, test)) / n,
+        "question": 100 * sum(a == t["question"][1] for a, t in zip(answers, test)) / n,
+        "reasoning": 100 * sum(final_answer(a) == t["reasoning"][2] for a, t in zip(chains, test)) / n,
+    }
+    return scores, {"caption": captions, "question": answers, "reasoning": chains}
+
+
+# ---- 5. the picture ----
+
+
+def answers_grid(path: str, data: dict, answers: dict, count: int) -> None:
+    """A PNG: test pictures, each with its reasoning question and both models' answers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = data["test"][:count]
+    figure, axes = plt.subplots(1, len(test), figsize=(3.2 * len(test), 4.2), squeeze=False)
+    for i, (axis, item) in enumerate(zip(axes[0], test)):
+        axis.imshow(item["image"], interpolation="nearest")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        question, _, truth = item["reasoning"]
+        text = (f"{question}\ntruth: {truth}\nLLaDA-V: {final_answer(answers['diffusion']['reasoning'][i]) or '-'}"
+                f"\nLLaVA (AR): {final_answer(answers['ar']['reasoning'][i]) or '-'}")
+        axis.set_title(text, fontsize=7, loc="left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ---- the whole run ----
+
+
+def run_vision_demo(output_dir: str = "outputs/demo-vision", seed: int = 0,
+                    settings: VisionDemoSettings = DEFAULT_VISION) -> dict:
+    """Data, both models, three stages each, the table after every stage, the PNG; returns the results."""
+    torch.set_num_threads(settings.threads)
+    os.makedirs(output_dir, exist_ok=True)
+    data = make_data(settings, seed)
+    tokenizer = build_tokenizer()
+    llada_v, llada_v_processor, llava, llava_processor = build_models(settings, tokenizer, seed)
+    models = {"diffusion": (llada_v, llada_v_processor, False), "ar": (llava, llava_processor, True)}
+    table, seconds, answers = [], {"diffusion": 0.0, "ar": 0.0}, {}
+    print(f"LLaDA-V {sum(p.numel() for p in llada_v.parameters()) / 1e6:.2f}M parameters, LLaVA "
+          f"{sum(p.numel() for p in llava.parameters()) / 1e6:.2f}M; {settings.train_scenes} pictures per stage")
+    for index, stage in enumerate(STAGES):
+        row = {"stage": f"{index + 1} ({stage})"}
+        for name, (model, processor, autoregressive) in models.items():
+            seconds[name] += train_stage(model, processor, data, stage, index, settings, output_dir, autoregressive)
+            scores, answers[name] = evaluate(model, processor, data, settings, autoregressive)
+            row.update({f"{name} {key}": value for key, value in scores.items()})
+        table.append(row)
+        print(format_row(row), flush=True)
+    grid = os.path.join(output_dir, "answers.png")
+    answers_grid(grid, data, answers, settings.grid_pictures)
+    results = {"settings": asdict(settings), "seed": seed, "table": table, "train_seconds": seconds, "grid": grid}
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"training time: LLaDA-V {seconds['diffusion']:.0f} s, LLaVA {seconds['ar']:.0f} s; answers: {grid}")
+    return results
+
+
+def format_row(row: dict) -> str:
+    """One line of the table: exact match (%) of caption / question / reasoning, LLaDA-V then LLaVA."""
+    cells = [f"{row[f'{m} {k}']:5.1f}" for m in ("diffusion", "ar") for k in ("caption", "question", "reasoning")]
+    return f"after stage {row['stage']:<14} LLaDA-V {' '.join(cells[:3])} | LLaVA {' '.join(cells[3:])}"
