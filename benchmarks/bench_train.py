@@ -14,9 +14,17 @@ throughput ratio >= 0.95, memory ratio <= 1.05).
 - memory: on CUDA the peak of allocated memory during `train()`; on CPU the peak resident set size
   during `train()` minus the resident set size just before it.
 
+Vision case (`--vision`, issue 15): DiffusionSFTTrainer on `LladaVForConditionalGeneration` against SFTTrainer on
+transformers' `LlavaForConditionalGeneration` (Llama language model), the same SigLIP tower, projector and language
+model weights (LLaDA-V's names are LLaVA's, plus `image_newline`). Each row holds two `--image-size` pictures (so
+LLaDA-V, like LLaVA, runs one crop per picture), text words and an answer; LLaVA's prompt gets the two extra text
+tokens that LLaDA-V spends on its image newlines, so both sequences have `--seq-len` tokens. Images go through each
+trainer's own collator (processor) at every step, as in real training.
+
 Run (defaults: a ~7M-parameter model, fp32, CPU, batch 4 x 128 tokens):
 
     python benchmarks/bench_train.py
+    python benchmarks/bench_train.py --vision
     python benchmarks/bench_train.py --device cuda --bf16 --hidden-size 1024 --layers 8 --seq-len 1024 --batch-size 8
 """
 
@@ -46,6 +54,8 @@ from llada_hf.trainers import DiffusionSFTConfig, DiffusionSFTTrainer
 
 TRAINERS = ("diffusion", "sft")
 NAMES = {"sft": "SFTTrainer + LlamaForCausalLM", "diffusion": "DiffusionSFTTrainer + LladaForMaskedDiffusion"}
+VISION_NAMES = {"sft": "SFTTrainer + LlavaForConditionalGeneration",
+                "diffusion": "DiffusionSFTTrainer + LladaVForConditionalGeneration"}
 METRICS = ("tokens_per_s", "tokens_per_cpu_s", "memory_mb")
 
 
@@ -58,7 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per row (prompt + answer)")
-    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row (never masked)")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="prompt tokens per row, image placeholders included (never masked; default 32, vision 48)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps per run (>= 1)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per trainer (alternating)")
@@ -67,9 +78,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default; off here by default")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vision", action="store_true", help="LLaDA-V against LLaVA, two pictures per row")
+    parser.add_argument("--image-size", type=int, default=56, help="vision: picture and crop size (pixels)")
+    parser.add_argument("--patch-size", type=int, default=14, help="vision: SigLIP patch size")
+    parser.add_argument("--vision-hidden-size", type=int, default=128, help="vision: SigLIP hidden size")
+    parser.add_argument("--vision-layers", type=int, default=2, help="vision: SigLIP layers")
     parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)  # internal: run one measurement
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.prompt_len is None:
+        args.prompt_len = 48 if args.vision else 32
+    return args
 
 
 # ---- one measurement (child process) ----
@@ -89,6 +108,8 @@ class StepTimer(TrainerCallback):
 
 def build_trainer(kind: str, args: argparse.Namespace, output_dir: str):
     """The trainer `kind` with its model, the shared data and the shared settings."""
+    if args.vision:
+        return build_vision_trainer(kind, args, output_dir)
     tokenizer = train_tokenizer(["a b c"], vocab_size=300)  # only its pad/eos/mask ids are used
     dims = dict(
         vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
@@ -121,6 +142,81 @@ def build_trainer(kind: str, args: argparse.Namespace, output_dir: str):
             model=model, args=DiffusionSFTConfig(**settings), train_dataset=dataset, processing_class=tokenizer
         )
     return SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=dataset, processing_class=tokenizer)
+
+
+def train_settings(args: argparse.Namespace, output_dir: str) -> dict:
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
+        learning_rate=1e-4, bf16=args.bf16, use_cpu=args.device == "cpu",
+        gradient_checkpointing=args.gradient_checkpointing, report_to="none",
+        save_strategy="no", disable_tqdm=True, dataloader_pin_memory=False, seed=args.seed,
+    )
+
+
+def build_vision_trainer(kind: str, args: argparse.Namespace, output_dir: str):
+    """LLaDA-V + DiffusionSFTTrainer or LLaVA + SFTTrainer: same weights, rows of `--seq-len` tokens, 2 pictures each."""
+    from PIL import Image
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from llada_hf import LladaVConfig, LladaVForConditionalGeneration
+    from llada_hf.processing_llada_v import LladaVProcessor, official_image_processor
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokenizer = train_tokenizer([" " + " ".join(letters)] * 4, vocab_size=300)  # " x": one token per letter
+    llada_v_processor = LladaVProcessor(official_image_processor(args.image_size, [[args.image_size] * 2]),
+                                        tokenizer, num_image_tokens=(args.image_size // args.patch_size) ** 2)
+    image_id = llada_v_processor.image_token_id
+    per_image = (args.image_size // args.patch_size) ** 2  # LLaVA; LLaDA-V adds one newline per picture
+    dims = dict(
+        vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.seq_len, 512), tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    vision = dict(hidden_size=args.vision_hidden_size, intermediate_size=4 * args.vision_hidden_size,
+                  num_hidden_layers=args.vision_layers, num_attention_heads=4, image_size=args.image_size,
+                  patch_size=args.patch_size, vision_use_head=False)
+    torch.manual_seed(args.seed)
+    model = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config={"model_type": "siglip_vision_model", **vision}, text_config=LlamaConfig(**dims),
+        image_token_id=image_id, vision_feature_select_strategy="full", vision_feature_layer=-1,
+        projector_hidden_act="gelu", image_seq_length=per_image))
+    processor = LlavaProcessor(
+        SiglipImageProcessorPil(size={"height": args.image_size, "width": args.image_size}, image_mean=[0.5] * 3,
+                                image_std=[0.5] * 3), tokenizer, patch_size=args.patch_size,
+        vision_feature_select_strategy="full")
+    if kind == "diffusion":
+        llada_v = LladaVForConditionalGeneration(LladaVConfig(
+            text_config=LladaConfig(**dims, mask_token_id=tokenizer.mask_token_id), vision_config=vision,
+            image_token_id=image_id, image_grid_pinpoints=[[args.image_size] * 2], vision_aspect_ratio="anyres"))
+        missing = llada_v.load_state_dict(model.state_dict(), strict=False).missing_keys
+        assert missing == ["model.image_newline"], missing  # every other weight is LLaVA's
+        model, processor = llada_v, llada_v_processor
+
+    generator = torch.Generator().manual_seed(args.seed)
+    image_tokens = 2 * (per_image + 1)  # LLaDA-V's count; LLaVA's prompt gets the 2 newlines as text
+    words, answer = args.prompt_len - image_tokens, args.seq_len - args.prompt_len - 1  # - 1: EOS
+    if words < 0 or answer < 1:
+        raise SystemExit(f"--prompt-len must hold the {image_tokens} image tokens, and --seq-len an answer after it.")
+    rows = args.batch_size * (args.warmup + args.steps)
+
+    def text(n: int) -> str:
+        return "".join(" " + letters[i] for i in torch.randint(0, 26, (n,), generator=generator).tolist())
+
+    images = [Image.fromarray((torch.rand(args.image_size, args.image_size, 3, generator=generator) * 255)
+                              .to(torch.uint8).numpy()) for _ in range(8)]
+    extra = 0 if kind == "diffusion" else 2
+    dataset = Dataset.from_dict({
+        "images": [[images[i % 8], images[(i + 1) % 8]] for i in range(rows)],
+        "prompt": ["<image><image>" + text(words + extra) for _ in range(rows)],
+        "completion": [text(answer) + tokenizer.eos_token for _ in range(rows)],
+    })  # fmt: skip
+    settings = train_settings(args, output_dir) | {"max_length": None}
+    if kind == "diffusion":
+        return DiffusionSFTTrainer(model=model, args=DiffusionSFTConfig(**settings), train_dataset=dataset,
+                                   processing_class=processor)
+    return SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=dataset, processing_class=processor)
 
 
 def current_memory_mb(device: str) -> float:
@@ -203,7 +299,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for kind in ("sft", "diffusion"):
         tokens_per_s, tokens_per_cpu_s, memory = (medians[kind][key] for key in METRICS)
-        print(f"| {NAMES[kind]} | {tokens_per_s:,.0f} | {tokens_per_cpu_s:,.0f} | {memory:,.1f} |")
+        name = (VISION_NAMES if args.vision else NAMES)[kind]
+        print(f"| {name} | {tokens_per_s:,.0f} | {tokens_per_cpu_s:,.0f} | {memory:,.1f} |")
     ratios = [medians["diffusion"][key] / medians["sft"][key] for key in METRICS]
     print("| ratio diffusion / SFT | " + " | ".join(f"{ratio:.3f}" for ratio in ratios) + " |")
 
