@@ -5,6 +5,7 @@ the bundle's code and the card, uploaded in one commit).
 from llada_hf.hub_card import publish
 publish(model, tokenizer, "your-username/llada-tiny-sft", dry_run=True).files  # what would be uploaded
 publish(model, tokenizer, "your-username/llada-tiny-sft")                      # upload, one commit
+publish(vision_model, processor, "your-username/llada-v-tiny")                  # LLaDA-V: with its processor
 ```
 """
 
