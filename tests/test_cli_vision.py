@@ -4,12 +4,13 @@ only a tokenizer (the official layout) gets the official preprocessing sized by 
 
 import pytest
 import torch
+from llada_v_helpers import tiny_processor, write_official_checkpoint
 from PIL import Image
+
 from transformers import AutoModel
 
 from llada_hf import end_token_ids, truncate_at_eos
 from llada_hf.cli import main
-from llada_v_helpers import tiny_processor, write_official_checkpoint
 
 
 SETTINGS = {"max_new_tokens": 8, "steps": 8, "block_length": 4}

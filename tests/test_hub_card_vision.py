@@ -10,18 +10,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
-from PIL import Image
+from fake_hub import FakeHub
+from llada_v_helpers import IMAGE_ID, MASK_ID, TOWER_CONFIG, tiny_processor, write_official_checkpoint
 from peft import LoraConfig, get_peft_model
+from PIL import Image
+from test_hub_card import STRANGER_SCRIPT, TOKEN, read_folder, run_python, snippet_of, subprocess_env
+
+import transformers
 from transformers import AutoModel
 
-from fake_hub import FakeHub
 from llada_hf import LladaVForConditionalGeneration
 from llada_hf.hub_card import add_card_and_code, publish, publish_folder, render_model_card
 from llada_hf.hub_card.card import LLADA_CITATION, LLADA_V_CITATION
 from llada_hf.modeling_llada import BUNDLE_FILES, VISION_BUNDLE_FILES
-from llada_v_helpers import IMAGE_ID, MASK_ID, TOWER_CONFIG, tiny_processor, write_official_checkpoint
-from test_hub_card import STRANGER_SCRIPT, TOKEN, read_folder, run_python, snippet_of, subprocess_env
 
 
 GENERATION = {"max_new_tokens": 8, "steps": 8, "block_length": 4}  # the checkpoint's own settings

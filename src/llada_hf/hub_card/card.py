@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+
+import transformers
 from transformers import GenerationConfig, PretrainedConfig
 
 from ..configuration_llada import LladaConfig
@@ -58,14 +59,14 @@ LLADA_CITATION = """@article{nie2025large,
   author={Nie, Shen and Zhu, Fengqi and You, Zebin and Zhang, Xiaolu and Ou, Jingyang and Hu, Jun and Zhou, Jun and Lin, Yankai and Wen, Ji-Rong and Li, Chongxuan},
   journal={arXiv preprint arXiv:2502.09992},
   year={2025}
-}"""
+}"""  # noqa: E501  (a BibTeX entry is copied whole)
 
 LLADA_V_CITATION = """@article{you2025llada,
   title={LLaDA-V: Large Language Diffusion Models with Visual Instruction Tuning},
   author={You, Zebin and Nie, Shen and Zhang, Xiaolu and Hu, Jun and Zhou, Jun and Lu, Zhiwu and Wen, Ji-Rong and Li, Chongxuan},
   journal={arXiv preprint arXiv:2505.16933},
   year={2025}
-}"""
+}"""  # noqa: E501
 
 
 @dataclass(frozen=True)
