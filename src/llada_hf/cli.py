@@ -95,9 +95,11 @@ def load_model_and_processor(path: str, dtype: str, device: str, with_images: bo
     """The model and what prepares its inputs: a text model's tokenizer, or a vision model's (config model type
     `llada_v`) processor. A text model asked to take images is refused before its weights are read."""
     import torch
+
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     import llada_hf  # noqa: F401  (registers the Auto classes)
+
     from .configuration_llada_v import LladaVConfig
 
     check_model_path(path)
