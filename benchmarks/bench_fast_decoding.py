@@ -27,6 +27,7 @@ import time
 
 import torch
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 SETTINGS = {
@@ -52,6 +53,7 @@ def task_example(rng: random.Random, args) -> tuple[str, str]:
 def train_model(args):
     """Train (or load) the task model and its tokenizer."""
     from datasets import Dataset
+
     from transformers import AutoModel, AutoTokenizer
 
     import llada_hf  # noqa: F401
@@ -203,7 +205,8 @@ def main():
     model.to(args.device)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    print(f"\nQuality: reverse {args.min_letters}-{args.max_letters} of {args.alphabet} letters, {args.quality_examples} examples, max_new_tokens {args.quality_length}, "
+    print(f"\nQuality: reverse {args.min_letters}-{args.max_letters} of {args.alphabet} letters, "
+          f"{args.quality_examples} examples, max_new_tokens {args.quality_length}, "
           "block_length 32\n\n| setting | exact match % | NFE |\n|---|---|---|")
     for name, accuracy, nfe in quality(model, tokenizer, args):
         print(f"| {name} | {accuracy:.1f} | {nfe} |")

@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 

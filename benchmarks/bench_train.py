@@ -41,11 +41,12 @@ import time
 
 import psutil
 import torch
-import transformers
 import trl
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
+
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from llada_hf import LladaConfig, LladaForMaskedDiffusion
 from llada_hf.tokenization import train_tokenizer
@@ -69,7 +70,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per row (prompt + answer)")
     parser.add_argument("--prompt-len", type=int, default=None,
-                        help="prompt tokens per row, image placeholders included (never masked; default 32, vision 48)")
+                        help="prompt tokens per row, image placeholders included "
+                             "(never masked; default 32, vision 48)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps per run (>= 1)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per trainer (alternating)")
@@ -154,8 +156,10 @@ def train_settings(args: argparse.Namespace, output_dir: str) -> dict:
 
 
 def build_vision_trainer(kind: str, args: argparse.Namespace, output_dir: str):
-    """LLaDA-V + DiffusionSFTTrainer or LLaVA + SFTTrainer: same weights, rows of `--seq-len` tokens, 2 pictures each."""
+    """LLaDA-V + DiffusionSFTTrainer or LLaVA + SFTTrainer: same weights, rows of `--seq-len` tokens,
+    2 pictures each."""
     from PIL import Image
+
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -293,7 +297,8 @@ def main() -> None:
             runs[kind].append(run_child(kind, argv))
             print(f"  run {repeat + 1} {kind}: {runs[kind][-1]}", flush=True)
     medians = {
-        kind: {key: statistics.median(run[key] for run in results) for key in METRICS} for kind, results in runs.items()
+        kind: {key: statistics.median(run[key] for run in results) for key in METRICS}
+        for kind, results in runs.items()
     }
     print("| trainer | tokens/s | tokens/CPU-s | train memory (MiB) |")
     print("|---|---|---|---|")

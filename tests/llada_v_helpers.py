@@ -4,9 +4,8 @@ import json
 import os
 
 import torch
-from safetensors.torch import save_file
-
 from reference_llada_v import TOWER
+from safetensors.torch import save_file
 
 
 CROP, PATCH = 28, 14  # 2 x 2 = 4 features per crop

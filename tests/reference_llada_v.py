@@ -52,7 +52,9 @@ def anyres_crops(image, pinpoints_wh, crop):
     canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
     canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), ((target_w - new_w) // 2, (target_h - new_h) // 2))
     crops = [image.resize((crop, crop), Image.BICUBIC)]
-    crops += [canvas.crop((x, y, x + crop, y + crop)) for y in range(0, target_h, crop) for x in range(0, target_w, crop)]
+    crops += [
+        canvas.crop((x, y, x + crop, y + crop)) for y in range(0, target_h, crop) for x in range(0, target_w, crop)
+    ]
     return torch.stack([_to_pixels(c) for c in crops])
 
 
@@ -83,7 +85,9 @@ def tower_features(state, tower_cfg, pixels):
         q, k, v = (F.linear(h, p(f"self_attn.{t}_proj.weight"), p(f"self_attn.{t}_proj.bias")) for t in "qkv")
         q, k, v = (t.view(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))
         attn = torch.softmax(q @ k.transpose(-1, -2) * (d // heads) ** -0.5, dim=-1) @ v
-        x = x + F.linear(attn.transpose(1, 2).reshape(b, n, d), p("self_attn.out_proj.weight"), p("self_attn.out_proj.bias"))
+        x = x + F.linear(
+            attn.transpose(1, 2).reshape(b, n, d), p("self_attn.out_proj.weight"), p("self_attn.out_proj.bias")
+        )
         h = F.layer_norm(x, x.shape[-1:], p("layer_norm2.weight"), p("layer_norm2.bias"), eps)
         h = F.gelu(F.linear(h, p("mlp.fc1.weight"), p("mlp.fc1.bias")), approximate="tanh")
         x = x + F.linear(h, p("mlp.fc2.weight"), p("mlp.fc2.bias"))

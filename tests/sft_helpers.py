@@ -7,8 +7,8 @@ import functools
 import random
 
 from datasets import Dataset
-
 from helpers import tokenizer_model
+
 from llada_hf import LladaForMaskedDiffusion
 from llada_hf.tokenization import train_tokenizer
 from llada_hf.trainers import DiffusionSFTConfig

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+
 from transformers.generation.streamers import TextDiffusionStreamer as TransformersTextDiffusionStreamer
 
 from llada_hf import LladaConfig, LladaForMaskedDiffusion, TextDiffusionStreamer, end_token_ids, truncate_at_eos

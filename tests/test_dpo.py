@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from helpers import MASK_ID, tokenizer_model
+from llada_reference import exact_expected_estimate, model_logits_fn
 from trl import DPOTrainer
 
-from helpers import MASK_ID, tokenizer_model
 from llada_hf.evaluation.likelihood import official_mask_counts
 from llada_hf.trainers import DiffusionDPOConfig, DiffusionDPOTrainer
 from llada_hf.trainers.elbo import AnswerBatch, draw_elbo_noise, elbo_estimates, right_align, stratified_mask_counts
-from llada_reference import exact_expected_estimate, model_logits_fn
 
 
 # Short answers (2-3 tokens with the EOS TRL appends), so that every mask pattern can be enumerated.

@@ -4,10 +4,7 @@ import math
 
 import pytest
 import torch
-
 from helpers import MASK_ID, tiny_model
-from llada_hf.evaluation import greedy_match, log_likelihood
-from llada_hf.evaluation.likelihood import official_mask_counts
 from llada_reference import (
     exact_expected_estimate,
     guided_logits_fn,
@@ -17,6 +14,9 @@ from llada_reference import (
     reference_log_likelihood,
     reference_mask_counts,
 )
+
+from llada_hf.evaluation import greedy_match, log_likelihood
+from llada_hf.evaluation.likelihood import official_mask_counts
 
 
 # Answers of 2 and 3 tokens (every mask pattern can be enumerated) behind prompts of different lengths,
@@ -125,7 +125,9 @@ def test_pairs_share_forward_passes_and_every_row_is_run(model):
 
 def test_same_generator_seed_gives_the_same_estimates(model):
     def run():
-        return log_likelihood(model, PROMPTS, ANSWERS, mc_num=32, batch_size=8, generator=torch.Generator().manual_seed(4))
+        return log_likelihood(
+            model, PROMPTS, ANSWERS, mc_num=32, batch_size=8, generator=torch.Generator().manual_seed(4)
+        )
 
     assert run() == run()
 
@@ -144,10 +146,14 @@ def test_greedy_match_follows_the_official_decoding(model, cfg_scale):
 
 def test_strings_are_encoded_with_the_tokenizer(text_tokenizer, text_model):
     tokenizer, model = text_tokenizer, text_model
-    ids = lambda text: tokenizer(text, add_special_tokens=False).input_ids
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
     prompts, answers = ["the cat sat", "a dog"], [" on the mat", " ran"]
     by_text = log_likelihood(
-        model, prompts, answers, mc_num=8, batch_size=4, tokenizer=tokenizer, generator=torch.Generator().manual_seed(5)
+        model, prompts, answers, mc_num=8, batch_size=4, tokenizer=tokenizer,
+        generator=torch.Generator().manual_seed(5),
     )
     by_ids = log_likelihood(
         model, [torch.tensor(ids(p)) for p in prompts], [ids(a) for a in answers], mc_num=8, batch_size=4,

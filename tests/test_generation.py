@@ -4,8 +4,11 @@ import math
 
 import pytest
 import torch
-
 from helpers import EOS_ID, EOT_ID, MASK_ID, left_padded_batch, tiny_model
+from llada_reference import reference_generate
+
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
 from llada_hf.generation_llada import (
     DiffusionGenerationConfig,
     DiffusionGenerationOutput,
@@ -14,8 +17,6 @@ from llada_hf.generation_llada import (
     plan_blocks,
     tokens_per_step,
 )
-from llada_reference import reference_generate
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from helpers import tokenizer_model
 from trl import GRPOTrainer
 
-from helpers import tokenizer_model
 from llada_hf.generation_llada import DiffusionGenerationConfig
 from llada_hf.trainers import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from llada_hf.trainers.grpo import one_step_prompt_masks

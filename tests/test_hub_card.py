@@ -19,13 +19,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
-from huggingface_hub import EvalResult, ModelCard
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerState, TrainingArguments
-
 from fake_hub import FakeHub
 from helpers import tiny_model, write_official_checkpoint
+from huggingface_hub import EvalResult, ModelCard
+from peft import LoraConfig, get_peft_model
+
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerState, TrainingArguments
+
 from llada_hf import LladaForMaskedDiffusion
 from llada_hf.hub_card import add_card_and_code, publish, publish_folder, render_model_card
 from llada_hf.hub_card.card import LLADA_CITATION, LLADA_V_CITATION

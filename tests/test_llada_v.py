@@ -7,16 +7,8 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from PIL import Image
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
-
-import llada_hf  # noqa: F401  (registers the Auto classes)
 import reference_llada_v as ref
-from llada_hf.configuration_llada_v import OFFICIAL_GRID, LladaVConfig, num_image_tokens, unpad_bounds
-from llada_hf.modeling_llada import BUNDLE_FILES, VISION_BUNDLE_FILES
-from llada_hf.modeling_llada_v import LladaVForConditionalGeneration
+import torch
 from llada_v_helpers import (
     CROP,
     IMAGE_ID,
@@ -26,6 +18,15 @@ from llada_v_helpers import (
     tiny_processor,
     write_official_checkpoint,
 )
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+import llada_hf  # noqa: F401  (registers the Auto classes)
+from llada_hf.configuration_llada_v import OFFICIAL_GRID, LladaVConfig, num_image_tokens, unpad_bounds
+from llada_hf.modeling_llada import BUNDLE_FILES, VISION_BUNDLE_FILES
+from llada_hf.modeling_llada_v import LladaVForConditionalGeneration
 
 
 TOL = 1e-5
@@ -66,7 +67,8 @@ def test_official_config_is_read(tmp_path):
     # "(1x1),...,(3x3)" -> [width, height] pairs in the official order, stored transposed as [height, width]
     assert config.image_grid_pinpoints == [[h, w] for w, h in official_pinpoints_wh()]
     saved = config.to_dict()
-    assert not any(key.startswith("mm_") for key in saved) and saved["auto_map"]["AutoModel"].startswith("modeling_llada_v")
+    assert not any(key.startswith("mm_") for key in saved)
+    assert saved["auto_map"]["AutoModel"].startswith("modeling_llada_v")
 
 
 def test_official_defaults_know_the_so400m_tower_without_network():
@@ -116,7 +118,8 @@ def test_official_checkpoint_loads_unchanged(official):
     assert torch.equal(ours["model.vision_tower.encoder.layers.1.mlp.fc2.weight"],
                        state[ref.TOWER + "encoder.layers.1.mlp.fc2.weight"])
     assert torch.equal(ours["model.multi_modal_projector.linear_2.bias"], state["model.mm_projector.2.bias"])
-    assert torch.equal(ours["model.language_model.layers.1.mlp.up_proj.weight"], state["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(ours["model.language_model.layers.1.mlp.up_proj.weight"],
+                       state["model.layers.1.mlp.up_proj.weight"])
     assert torch.equal(ours["model.image_newline"], state["model.image_newline"])
     assert torch.equal(ours["lm_head.weight"], state["lm_head.weight"])
     assert len(ours) == len(state)

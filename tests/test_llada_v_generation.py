@@ -1,10 +1,8 @@
 """LLaDA-V generation: the text model's sampler from merged prompt embeddings, equal to the official sampler."""
 
 import pytest
-import torch
-from transformers import AutoModel
-
 import reference_llada_v as ref
+import torch
 from llada_v_helpers import (
     BOS_ID,
     CROP,
@@ -19,6 +17,8 @@ from llada_v_helpers import (
     write_official_checkpoint,
 )
 from test_llada_v import _chat_inputs, _image, _official_ids
+
+from transformers import AutoModel
 
 
 OFFICIAL_SUPPRESSIONS = [EOS_ID, BOS_ID, START_HEADER_ID, END_HEADER_ID]  # the official ids, in the tiny vocabulary

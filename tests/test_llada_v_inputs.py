@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
-from transformers import AutoModel
-
 import reference_llada_v as ref
+import torch
 from llada_v_helpers import CROP, IMAGE_ID, official_pinpoints_wh, tiny_processor, write_official_checkpoint
+from PIL import Image
+
+from transformers import AutoModel
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-
 from helpers import tokenizer_model
+
 from llada_hf import LladaForMaskedDiffusion
 from llada_hf.evaluation import greedy_match, log_likelihood
 from llada_hf.evaluation.lm_eval_adapter import LladaEvalHarness, run_lm_eval

@@ -8,14 +8,15 @@ import textwrap
 
 import pytest
 import torch
+from helpers import EMBEDDING_ROWS, MASK_ID, official_config, tiny_config, tiny_model, write_official_checkpoint
+from llada_reference import reference_logits
 from safetensors import safe_open
 
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
 import llada_hf
-from helpers import EMBEDDING_ROWS, MASK_ID, official_config, tiny_config, tiny_model, write_official_checkpoint
 from llada_hf import LladaConfig, LladaForMaskedDiffusion
 from llada_hf.modeling_llada import BUNDLE_FILES
-from llada_reference import reference_logits
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 
 def _batch(seed=1):

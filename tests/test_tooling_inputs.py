@@ -4,6 +4,7 @@ their mask token; `truncate_at_eos` is the one cut of an answer at its end token
 import pytest
 import torch
 from datasets import Dataset
+
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from llada_hf import LladaConfig, LladaForMaskedDiffusion, end_token_ids, truncate_at_eos

@@ -14,12 +14,18 @@ import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
+from sft_helpers import build_args, build_model, build_tokenizer, logged_losses, reversal_dataset, reversal_pairs
 from trl import SFTConfig
 
+from transformers import AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
+
 from llada_hf.tokenization import train_tokenizer
-from llada_hf.trainers import DataCollatorForMaskedDiffusion, DiffusionSFTConfig, DiffusionSFTTrainer, masked_diffusion_loss
-from sft_helpers import build_args, build_model, build_tokenizer, logged_losses, reversal_dataset, reversal_pairs
+from llada_hf.trainers import (
+    DataCollatorForMaskedDiffusion,
+    DiffusionSFTConfig,
+    DiffusionSFTTrainer,
+    masked_diffusion_loss,
+)
 
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -127,7 +133,8 @@ def test_loss_function_by_hand():
 
 
 def test_trainer_loss_equals_llada_sft_loss_computed_by_hand(tmp_path):
-    """LLADA.md section 5: sum over rows of sum over masked tokens of CE/p, / answer length (EOS padding incl.), / B."""
+    """LLADA.md section 5: sum over rows of sum over masked tokens of CE/p, / answer length (EOS padding
+    included), / B."""
     pairs = reversal_pairs(2, length=2) + reversal_pairs(2, length=4)  # the short answers get EOS padding
     dataset = Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
     trainer = make_trainer(tmp_path, dataset=dataset)
@@ -217,7 +224,9 @@ def test_text_dataset_is_pretraining_every_token_maskable(tmp_path):
 
 def test_wrapped_packing_gives_full_length_pretraining_rows(tmp_path):
     text = Dataset.from_dict({"text": ["the quick brown fox", "the lazy dog jumps over the quick brown fox"] * 8})
-    trainer = make_trainer(tmp_path, dataset=text, packing=True, packing_strategy="wrapped", max_length=16, max_steps=2)
+    trainer = make_trainer(
+        tmp_path, dataset=text, packing=True, packing_strategy="wrapped", max_length=16, max_steps=2
+    )
     batch = first_batch(trainer, n=3)
     assert batch["input_ids"].shape == (3, 16) and (batch["labels"] != -100).all()  # no padding, all maskable
     assert trainer.train().global_step == 2
@@ -347,7 +356,9 @@ def test_model_given_as_a_path(tmp_path):
     build_model().save_pretrained(tmp_path / "model")
     build_tokenizer().save_pretrained(tmp_path / "model")
     trainer = DiffusionSFTTrainer(
-        model=str(tmp_path / "model"), args=build_args(tmp_path / "out", max_steps=1), train_dataset=reversal_dataset(8)
+        model=str(tmp_path / "model"),
+        args=build_args(tmp_path / "out", max_steps=1),
+        train_dataset=reversal_dataset(8),
     )
     assert trainer.train().global_step == 1
 
@@ -410,7 +421,9 @@ TWO_PROCESS_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     trainer = DiffusionSFTTrainer(
         model=build_model(),
-        args=build_args({output_dir!r}, per_device_train_batch_size=2, max_steps=3, antithetic_time=True, use_cpu=True),
+        args=build_args(
+            {output_dir!r}, per_device_train_batch_size=2, max_steps=3, antithetic_time=True, use_cpu=True
+        ),
         train_dataset=reversal_dataset(24),
         processing_class=build_tokenizer(),
     )

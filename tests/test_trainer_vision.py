@@ -10,16 +10,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from peft import LoraConfig
+from llada_v_helpers import (
+    BOS_ID,
+    CROP,
+    EOS_ID,
+    IMAGE_ID,
+    MASK_ID,
+    PATCH,
+    VOCAB,
+    official_pinpoints_wh,
+    tiny_processor,
+)
 from PIL import Image
+from sft_helpers import build_model, build_tokenizer, logged_losses
+
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from llada_hf import LladaConfig, LladaVConfig, LladaVForConditionalGeneration
 from llada_hf.trainers import DiffusionSFTConfig, DiffusionSFTTrainer
 from llada_hf.trainers.stages import STAGE_PRESETS, module_group
 from llada_hf.trainers.vision import DataCollatorForVisionMaskedDiffusion, language_model_lora_config
-from llada_v_helpers import BOS_ID, CROP, EOS_ID, IMAGE_ID, MASK_ID, PATCH, VOCAB, official_pinpoints_wh, tiny_processor
-from sft_helpers import build_model, build_tokenizer, logged_losses
 
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
@@ -263,7 +273,9 @@ def test_lora_on_the_language_model_with_the_projector_fully_trained_merges_and_
         model = AutoModelForImageTextToText.from_pretrained({str(tmp_path / "merged")!r}, trust_remote_code=True)
         assert "transformers_modules" in type(model).__module__, type(model).__module__
         with torch.no_grad():
-            torch.save(model.eval()(**torch.load({str(tmp_path / "inputs.pt")!r})).logits, {str(tmp_path / "out.pt")!r})
+            torch.save(
+                model.eval()(**torch.load({str(tmp_path / "inputs.pt")!r})).logits, {str(tmp_path / "out.pt")!r}
+            )
         """
     )
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -277,7 +289,9 @@ def test_lora_on_the_language_model_with_the_projector_fully_trained_merges_and_
 
 def test_gradient_checkpointing_runs_through_the_vision_tower(tmp_path, processor):
     def one_step(checkpointing: bool):
-        trainer = make_trainer(tmp_path, processor, stage="instruct", max_steps=1, gradient_checkpointing=checkpointing)
+        trainer = make_trainer(
+            tmp_path, processor, stage="instruct", max_steps=1, gradient_checkpointing=checkpointing
+        )
         layer = next(m for m in trainer.model.model.vision_tower.modules() if isinstance(m, SiglipEncoderLayer))
         calls = []
         layer.layer_norm1.register_forward_pre_hook(lambda *args: calls.append(1))  # inside the checkpointed forward
@@ -434,7 +448,8 @@ def test_cli_train_stage_takes_the_official_hyperparameters_as_defaults(tmp_path
     (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
     out = tmp_path / "trained"
     code = main(["train", "--model_name_or_path", str(tmp_path / "model"), "--dataset_path",
-                 str(tmp_path / "captions.jsonl"), "--stage", "projector", "--output_dir", str(out), "--max_steps", "1",
+                 str(tmp_path / "captions.jsonl"), "--stage", "projector", "--output_dir", str(out),
+                 "--max_steps", "1",
                  "--per_device_train_batch_size", "2", "--report_to", "none", "--gradient_checkpointing", "false"])
     assert code == 0
     args = torch.load(out / "training_args.bin", weights_only=False)

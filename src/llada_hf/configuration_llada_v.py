@@ -179,7 +179,7 @@ def official_vision_config(tower: str | None, checkpoint_dir: str | None) -> dic
                 tower_config = json.load(f)
             tower_config = tower_config.get("vision_config", tower_config)  # a full SigLIP config holds the tower's
             tower_config = {k: v for k, v in tower_config.items() if k not in ("model_type", "architectures")}
-            tower_config["num_hidden_layers"] = tower_config.get("num_hidden_layers", 12) - 1  # the last one is dropped
+            tower_config["num_hidden_layers"] = tower_config.get("num_hidden_layers", 12) - 1  # the last is dropped
             return tower_config | {"vision_use_head": False}
     if re.search(r"siglip2?-so400m-patch14-384$", tower.rstrip("/")):
         return dict(SO400M_KEPT_LAYERS)

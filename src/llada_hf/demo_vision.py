@@ -21,11 +21,16 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, ImageDraw
 
 from .tokenization import EOS, EOT, train_tokenizer
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -120,8 +125,8 @@ def reasoning(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
     left = scene.objects[:index]
     count = sum(c == colour for c, _, _ in left)
     listed = " , ".join(f"{c} {s}" for c, s, _ in left) or "nothing"
-    return (f"how many {colour} shapes are left of the {target} ?", f"left of the {target} : {listed} . answer {count}",
-            str(count))
+    return (f"how many {colour} shapes are left of the {target} ?",
+            f"left of the {target} : {listed} . answer {count}", str(count))
 
 
 def final_answer(text: str) -> str:
@@ -130,7 +135,8 @@ def final_answer(text: str) -> str:
 
 def chat_row(image: Image.Image, question: str, answer: str) -> dict:
     """TRL's "images" + prompt/completion (conversational) format."""
-    return {"images": [image], "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+    return {"images": [image],
+            "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
             "completion": [{"role": "assistant", "content": answer}]}
 
 
@@ -229,7 +235,9 @@ def tower_split_optimizer(model, learning_rate: float):
     """AdamW with the vision tower at 0.2 x the learning rate (the LLaDA-V preset's ratio), for LLaVA."""
     tower = [p for n, p in model.named_parameters() if "vision_tower" in n and p.requires_grad]
     rest = [p for n, p in model.named_parameters() if "vision_tower" not in n and p.requires_grad]
-    groups = [{"params": rest, "lr": learning_rate}] + ([{"params": tower, "lr": 0.2 * learning_rate}] if tower else [])
+    groups = [{"params": rest, "lr": learning_rate}] + (
+        [{"params": tower, "lr": 0.2 * learning_rate}] if tower else []
+    )
     return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=0.0)
 
 

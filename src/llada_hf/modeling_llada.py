@@ -258,7 +258,9 @@ class LladaPreTrainedModel(PreTrainedModel):
         }
         problems = {key: items for key, items in problems.items() if items}
         if problems:
-            details = "; ".join(f"{key}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}" for key, items in problems.items())
+            details = "; ".join(
+                f"{key}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}" for key, items in problems.items()
+            )
             raise ValueError(
                 f"The checkpoint does not match {cls.__name__} ({details}). Check that the config (layers, "
                 "heads, tie_word_embeddings) belongs to these weights."

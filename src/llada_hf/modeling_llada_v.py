@@ -115,7 +115,8 @@ class LladaVModel(LladaVPreTrainedModel):
         hidden = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
         features = self.multi_modal_projector(hidden[self.config.vision_feature_layer])  # [all crops, unit², hidden]
         return [
-            self.pack_image_features(image, size, grid) for image, size, grid in zip(features.split(crops), sizes, anyres)
+            self.pack_image_features(image, size, grid)
+            for image, size, grid in zip(features.split(crops), sizes, anyres)
         ]
 
     def pack_image_features(self, features: torch.Tensor, image_size: tuple[int, int], anyres: bool) -> torch.Tensor:
@@ -152,7 +153,9 @@ class LladaVModel(LladaVPreTrainedModel):
                 "`pixel_values` must be a float tensor (the processor's output), got "
                 f"{getattr(pixel_values, 'dtype', type(pixel_values).__name__)}."
             )
-        expected = f"[images, crops, {', '.join(map(str, crop_shape))}] or [all crops, {', '.join(map(str, crop_shape))}]"
+        expected = (
+            f"[images, crops, {', '.join(map(str, crop_shape))}] or [all crops, {', '.join(map(str, crop_shape))}]"
+        )
         if pixel_values.dim() == 5 and tuple(pixel_values.shape[2:]) == crop_shape:
             if pixel_values.shape[0] != len(crops) or pixel_values.shape[1] < max(crops):
                 raise ValueError(
@@ -332,7 +335,9 @@ class LladaVForConditionalGeneration(LladaVPreTrainedModel, LladaForMaskedDiffus
             return super().generate(attention_mask=attention_mask, **kwargs)
         if not torch.is_tensor(input_ids):
             raise TypeError(f"`input_ids` must be a tensor (the processor's output), got {type(input_ids).__name__}.")
-        inputs_embeds = self.model.embed_multimodal(input_ids, pixel_values, image_sizes, batch_num_images)  # [B, P, D]
+        inputs_embeds = self.model.embed_multimodal(
+            input_ids, pixel_values, image_sizes, batch_num_images
+        )  # [B, P, D]
         output = super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         return _with_prompt(input_ids, output)
 

@@ -12,6 +12,7 @@ import time
 import unicodedata
 
 import torch
+
 from transformers.generation.streamers import TextDiffusionStreamer as TransformersTextDiffusionStreamer
 
 

@@ -473,7 +473,8 @@ def _greedy_decode_matches(model, pairs: list[_Pair], cfg_scale: float) -> list[
     prompt_positions[:, -width:] &= ~answer_slots
 
     device = model.device
-    input_ids, attention_mask, prompt_positions = input_ids.to(device), attention_mask.to(device), prompt_positions.to(device)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    prompt_positions = prompt_positions.to(device)
     answer_slots = answer_slots.to(device)
     for _ in range(width):
         still_masked = answer_slots & (input_ids[:, -width:] == mask_id)  # [R, A]

@@ -26,6 +26,7 @@ from lm_eval import utils as lm_eval_utils
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 import llada_hf  # noqa: F401  (registers LLaDA with the Auto classes)
@@ -148,7 +149,9 @@ class LladaEvalHarness(TemplateLM):
         return self.tokenizer(string, add_special_tokens=bool(add_special_tokens)).input_ids
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """ELBO of each continuation given its context; contexts are cut from the left to fit."""
@@ -217,7 +220,9 @@ class LladaEvalHarness(TemplateLM):
         sampling["temperature"] = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample") else 0.0
         room = self.max_length - answer_length
         if room < 1:
-            raise ValueError(f"max_new_tokens ({answer_length}) leaves no room for a prompt in max_length ({self.max_length}).")
+            raise ValueError(
+                f"max_new_tokens ({answer_length}) leaves no room for a prompt in max_length ({self.max_length})."
+            )
         prompts = [self.tok_encode(context)[-room:] for context in contexts]
         input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id)  # [B, P]
         sequences = self.model.generate(
@@ -315,7 +320,8 @@ def run_lm_eval(
     lm = LladaEvalHarness(pretrained=model_path, batch_size=batch_size, **(model_args or {}))
     results = simple_evaluate(
         model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
-        apply_chat_template=apply_chat_template, task_manager=TaskManager(include_path=include_path, include_defaults=include_defaults),
+        apply_chat_template=apply_chat_template,
+        task_manager=TaskManager(include_path=include_path, include_defaults=include_defaults),
     )
     if results is not None and output_path:
         with open(output_path, "w") as f:

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from transformers.data.data_collator import DataCollatorMixin
 
 

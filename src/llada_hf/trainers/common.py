@@ -3,8 +3,9 @@ TRL's next-token LM head."""
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import TrainingArguments
 from trl.trainer.utils import get_config_model_id
+
+from transformers import TrainingArguments
 
 from .sft import resolve_mask_token_id
 

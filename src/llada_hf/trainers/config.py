@@ -2,8 +2,9 @@
 
 from dataclasses import dataclass, field
 
-from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import SFTConfig
+
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from .stages import PROMPT_TEMPLATES, STAGE_PRESETS, check_stage
 
@@ -129,7 +130,9 @@ class DiffusionSFTConfig(SFTConfig):
     )
     antithetic_time: bool = field(
         default=False,
-        metadata={"help": "Draw the rows' times stratified over [0, 1) (one per interval) to lower the loss variance."},
+        metadata={
+            "help": "Draw the rows' times stratified over [0, 1) (one per interval) to lower the loss variance."
+        },
     )
     noise_samples_per_example: int = field(
         default=1,
@@ -231,12 +234,15 @@ class DiffusionSFTConfig(SFTConfig):
     def _check_vision_fields(self) -> None:
         check_stage(self.stage)
         if self.prompt_template is not None and self.prompt_template not in PROMPT_TEMPLATES:
-            raise ValueError(f"`prompt_template` must be one of {PROMPT_TEMPLATES} (or None), got {self.prompt_template!r}.")
+            raise ValueError(
+                f"`prompt_template` must be one of {PROMPT_TEMPLATES} (or None), got {self.prompt_template!r}."
+            )
         if self.vision_tower_learning_rate is not None and not self.vision_tower_learning_rate >= 0:
             raise ValueError(f"`vision_tower_learning_rate` must be >= 0, got {self.vision_tower_learning_rate}.")
         if self.vision_tower_dtype is not None and self.vision_tower_dtype not in VISION_TOWER_DTYPES:
             raise ValueError(
-                f"`vision_tower_dtype` must be one of {VISION_TOWER_DTYPES} (or None), got {self.vision_tower_dtype!r}."
+                f"`vision_tower_dtype` must be one of {VISION_TOWER_DTYPES} (or None), "
+                f"got {self.vision_tower_dtype!r}."
             )
 
     def _check_diffusion_fields(self) -> None:

@@ -53,7 +53,8 @@ def mask_answer_tokens(
 
     Args:
         input_ids: `[batch, length]` clean token ids.
-        answer_mask: `[batch, length]` bool, True where a token may be masked (the answer; every token for pretraining).
+        answer_mask: `[batch, length]` bool, True where a token may be masked (the answer; every token for
+            pretraining).
         mask_prob: `[batch]` masking probability of each row.
         mask_token_id: id of the mask token.
         generator: source of the randomness, on the device of `input_ids`.

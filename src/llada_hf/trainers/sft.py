@@ -28,6 +28,10 @@ import numpy as np
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
+from trl import SFTTrainer
+from trl.data_utils import get_dataset_column_names, is_conversational_from_value, maybe_convert_to_chatml
+from trl.trainer.utils import get_config_model_id
+
 from transformers import (
     AutoConfig,
     AutoProcessor,
@@ -38,9 +42,6 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from trl import SFTTrainer
-from trl.data_utils import get_dataset_column_names, is_conversational_from_value, maybe_convert_to_chatml
-from trl.trainer.utils import get_config_model_id
 
 from ..tokenization import set_mask_token
 from .collator import DataCollatorForMaskedDiffusion
@@ -501,7 +502,9 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
         """`SFTTrainer.evaluate`, with the same noise at every evaluation so that eval losses compare over time."""
         keys = [self.args.seed, _EVAL_SEED_KEY, self.accelerator.process_index]
         self._noise_generator.manual_seed(int(np.random.SeedSequence(keys).generate_state(1)[0]))
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys: list[str] | None = None):
         """The evaluation loss only: a masked diffusion model has no next-token logits to return."""

@@ -3,11 +3,11 @@
 LLaDA-V is trained by supervised fine-tuning only, in three stages (docs/LLADA_V.md section 5; the official scripts
 `train/scripts/**` of ML-GSAI/LLaDA-V, built on LLaVA-NeXT):
 
-| stage          | data                                   | trains                                  | template | lr (tower) |
-|----------------|----------------------------------------|-----------------------------------------|----------|------------|
-| `"projector"`  | image captions (LLaVA-Pretrain 558K)   | projector                               | `plain`  | 1e-3 (-)   |
-| `"instruct"`   | visual instructions (MAmmoTH-VL)       | vision tower, projector, language model | `chat`   | 1e-5 (2e-6)|
-| `"reasoning"`  | chains of thought (VisualWebInstruct)  | vision tower, projector, language model | `chat`   | 1e-5 (2e-6)|
+| stage         | data                                  | trains                           | template | lr (tower)  |
+|---------------|---------------------------------------|----------------------------------|----------|-------------|
+| `"projector"` | image captions (LLaVA-Pretrain 558K)  | projector                        | `plain`  | 1e-3 (-)    |
+| `"instruct"`  | visual instructions (MAmmoTH-VL)      | tower, projector, language model | `chat`   | 1e-5 (2e-6) |
+| `"reasoning"` | chains of thought (VisualWebInstruct) | tower, projector, language model | `chat`   | 1e-5 (2e-6) |
 
 `DiffusionSFTConfig(stage=...)` selects the trainable modules, the prompt template and the tower's learning rate;
 `DiffusionSFTConfig.for_stage(...)` (and `llada-hf train --stage ...`) also take the official hyperparameters of

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from PIL import Image
+from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
+
 from transformers import ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
-from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
 
 from .collator import DataCollatorForMaskedDiffusion
 
@@ -126,7 +127,8 @@ class DataCollatorForVisionMaskedDiffusion(DataCollatorMixin):
         >>> processor = LladaVProcessor(official_image_processor(28, [[28, 28]]),
         ...                             train_tokenizer(["a red square"], vocab_size=280), num_image_tokens=4)
         >>> collator = DataCollatorForVisionMaskedDiffusion(processor, prompt_template="plain")
-        >>> batch = collator([{"image": Image.new("RGB", (28, 28), "red"), "prompt": "", "completion": "a red square"}])
+        >>> batch = collator([{"image": Image.new("RGB", (28, 28), "red"), "prompt": "",
+        ...                    "completion": "a red square"}])
         >>> batch["pixel_values"].shape, int((batch["labels"] != -100).sum()) > 0
         (torch.Size([1, 2, 3, 28, 28]), True)
         >>> bool((batch["labels"][batch["input_ids"] == processor.image_token_id] == -100).all())  # never masked
