@@ -59,7 +59,7 @@ def check_generation_args(args: argparse.Namespace) -> None:
     import torch
 
     for name in (name for name, kind, _, _ in generation_flags() if kind is float):
-        value = getattr(args, name)
+        value = getattr(args, name, None)  # `tune` has no generation flags
         if value is not None and not math.isfinite(value):
             raise CliError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
     if args.dtype not in DTYPES:
@@ -307,10 +307,12 @@ def cmd_train(argv: list[str]) -> None:
     the stage preset and takes the official hyperparameters as defaults (any flag given overrides them)."""
     from dataclasses import dataclass, field
 
-    from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
     from trl import TrlParser
 
+    from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
+
     import llada_hf  # noqa: F401
+
     from .trainers import STAGE_PRESETS, DiffusionSFTConfig, DiffusionSFTTrainer, language_model_lora_config
 
     @dataclass
@@ -406,6 +408,33 @@ def load_local_dataset(path: str, split: str = "train"):
         return data[split] if hasattr(data, "keys") and split in data else data
     builder = DATASET_BUILDERS[os.path.splitext(path)[1].lower()]
     return load_dataset(builder, data_files={split: path}, split=split)
+
+
+# ---- tune ----------------------------------------------------------------------------------------
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    """Measure decoding settings on a dev set, print the accuracy / speed Pareto front, optionally save the best."""
+    from .evaluation.tune import best_setting, front_table, plot_front, tune
+
+    check_generation_args(args)
+    check_json_records(args.dev)
+    records = load_local_dataset(args.dev)
+    if not {"prompt", "completion"} <= set(records.column_names):
+        raise CliError(f"--dev {args.dev}: each record needs 'prompt' and 'completion' fields.")
+    model, tokenizer = load_model_and_processor(args.model, args.dtype, args.device)
+    results = tune(model, tokenizer, records["prompt"], records["completion"], max_new_tokens=args.max_new_tokens,
+                   trials=args.trials, batch_size=args.batch_size, seed=args.seed)
+    print(front_table(results))
+    if args.plot:
+        plot_front(results, args.plot)
+    chosen = best_setting(results)
+    print(f"chosen (fastest within 1 point of the best accuracy): {chosen.settings or 'the defaults'} — "
+          f"{chosen.accuracy:.1f} %, {chosen.tokens_per_second:.1f} answer tokens/s")
+    if args.save:
+        model.generation_config.update(max_new_tokens=args.max_new_tokens, **chosen.settings)
+        model.generation_config.save_pretrained(args.model)
+        print(f"saved into {os.path.join(args.model, 'generation_config.json')}")
 
 
 # ---- eval ----------------------------------------------------------------------------------------
@@ -515,6 +544,19 @@ def build_parser() -> argparse.ArgumentParser:
     publish.set_defaults(func=cmd_publish)
 
     export = sub.add_parser("export", help="write the official GSAI-ML layout or a GGUF file (llama.cpp)")
+    tune = sub.add_parser("tune", help="measure decoding settings on a dev set: accuracy vs speed, save the best")
+    tune.add_argument("model", help="a saved model folder")
+    tune.add_argument("--dev", required=True, help="a JSON/JSONL file of {'prompt': ..., 'completion': ...} records")
+    tune.add_argument("--max-new-tokens", type=int, default=64)
+    tune.add_argument("--trials", type=int, default=12, help="settings to measure, the defaults included")
+    tune.add_argument("--batch-size", type=int, default=8)
+    tune.add_argument("--seed", type=int, default=0, help="which settings are drawn")
+    tune.add_argument("--plot", metavar="PNG", help="draw accuracy against answer tokens/s here")
+    tune.add_argument("--save", action="store_true", help="write the chosen setting into generation_config.json")
+    tune.add_argument("--dtype", default="auto", help=", ".join(DTYPES))
+    tune.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    tune.set_defaults(func=cmd_tune)
+
     export.add_argument("model", help="a saved model folder (or LoRA adapter folder, merged into its base)")
     export.add_argument("output", help="the folder (--format official) or file, e.g. model.gguf (--format gguf)")
     export.add_argument("--format", required=True, choices=["official", "gguf"])
