@@ -145,6 +145,28 @@ def demo_tokenizer(pairs, settings: DemoSettings):
     return tokenizer
 
 
+@dataclass
+class DemoData:
+    """What the demo trains on: the pairs, split into question pairs and held-out pairs, the tokenizer and the
+    training rows."""
+
+    pairs: list[tuple[str, str]]
+    qa_pairs: list[tuple[str, str]]
+    held_out: list[tuple[str, str]]
+    tokenizer: object
+    rows: list[dict[str, str]]
+
+
+def make_data(settings: DemoSettings, seed: int) -> DemoData:
+    """The pairs, the tokenizer and the training rows of one demo run."""
+    pairs = invented_pairs(settings.pairs, seed)
+    split = int(len(pairs) * settings.question_fraction)
+    qa_pairs, held_out = pairs[:split], pairs[split:]
+    tokenizer = demo_tokenizer(pairs, settings)
+    rows = training_rows(pairs, qa_pairs, tokenizer, settings.paraphrases, seed)
+    return DemoData(pairs, qa_pairs, held_out, tokenizer, rows)
+
+
 # ---- 3. models and training -----------------------------------------------------------------------
 
 
@@ -443,13 +465,9 @@ def run_demo(output_dir: str = "outputs/demo", seed: int = 0, settings: DemoSett
     os.makedirs(output_dir, exist_ok=True)
     torch.set_num_threads(settings.threads)
     torch.manual_seed(seed)
-    # 1. Data
-    pairs = invented_pairs(settings.pairs, seed)
-    split = int(len(pairs) * settings.question_fraction)
-    qa_pairs, held_out = pairs[:split], pairs[split:]
-    # 2. Tokenizer (trained on the plain text and the questions)
-    tokenizer = demo_tokenizer(pairs, settings)
-    rows = training_rows(pairs, qa_pairs, tokenizer, settings.paraphrases, seed)
+    # 1-2. Data and tokenizer
+    data = make_data(settings, seed)
+    pairs, qa_pairs, held_out, tokenizer, rows = data.pairs, data.qa_pairs, data.held_out, data.tokenizer, data.rows
     example_text = plain_texts(*pairs[0], settings.paraphrases)[-1]
     step(1, f"{len(pairs)} invented pairs A-B, each seen as {settings.paraphrases} plain-text sentences with A before "
             f"B (e.g. \"{example_text}\"); questions both ways trained for "

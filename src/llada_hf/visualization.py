@@ -55,7 +55,7 @@ def decoding_order_png(
     fig, ax = plt.subplots(figsize=(max(4.0, column * len(steps) + 1.5), max(2.5, 0.32 * num_steps + 1.5)))
     cmap = plt.get_cmap("viridis")
     colour = {s: cmap(s / max(num_steps - 1, 1)) for s in range(num_steps)}
-    edge = {None: "none", True: "none", False: "red"}[correct]
+    edge = {None: "none", True: "green", False: "red"}[correct]
     for position, (step, label) in enumerate(zip(steps, labels)):
         if step < 0:
             continue
