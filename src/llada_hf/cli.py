@@ -1,4 +1,4 @@
-"""The `llada-hf` command: demo, generate, chat, train, eval, publish, export.
+"""The `llada-hf` command: demo, generate, chat, train, eval, publish, export, serve.
 
 Every subcommand has `--help`. Errors are one line on stderr with what to change, and a non-zero exit code.
 """
@@ -477,6 +477,15 @@ def cmd_export(args: argparse.Namespace) -> None:
                             ship_bundle=args.ship_bundle, tokenizer_pre=args.tokenizer_pre, code_repo=args.code_repo))
 
 
+# ---- serve ---------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .serving.server import run_from_args
+
+    run_from_args(args)
+
+
 # ---- demo ----------------------------------------------------------------------------------------
 
 
@@ -535,15 +544,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_options(chat)
     chat.set_defaults(func=cmd_chat)
 
-    publish = sub.add_parser("publish", help="upload a saved model or adapter folder to the Hub in one commit")
-    publish.add_argument("path", help="a folder written by save_pretrained (model or LoRA adapter)")
-    publish.add_argument("repo_id", help="owner/name on the Hub")
-    publish.add_argument("--private", action="store_true", help="create the repository as private")
-    publish.add_argument("--dry-run", action="store_true", help="list the files and render the card; upload nothing")
-    publish.add_argument("--base-model", help="Hub id of the base model (for adapters and fine-tunes)")
-    publish.set_defaults(func=cmd_publish)
-
-    export = sub.add_parser("export", help="write the official GSAI-ML layout or a GGUF file (llama.cpp)")
     tune = sub.add_parser("tune", help="measure decoding settings on a dev set: accuracy vs speed, save the best")
     tune.add_argument("model", help="a saved model folder")
     tune.add_argument("--dev", required=True, help="a JSON/JSONL file of {'prompt': ..., 'completion': ...} records")
@@ -557,6 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     tune.set_defaults(func=cmd_tune)
 
+    publish = sub.add_parser("publish", help="upload a saved model or adapter folder to the Hub in one commit")
+    publish.add_argument("path", help="a folder written by save_pretrained (model or LoRA adapter)")
+    publish.add_argument("repo_id", help="owner/name on the Hub")
+    publish.add_argument("--private", action="store_true", help="create the repository as private")
+    publish.add_argument("--dry-run", action="store_true", help="list the files and render the card; upload nothing")
+    publish.add_argument("--base-model", help="Hub id of the base model (for adapters and fine-tunes)")
+    publish.set_defaults(func=cmd_publish)
+
+    export = sub.add_parser("export", help="write the official GSAI-ML layout or a GGUF file (llama.cpp)")
     export.add_argument("model", help="a saved model folder (or LoRA adapter folder, merged into its base)")
     export.add_argument("output", help="the folder (--format official) or file, e.g. model.gguf (--format gguf)")
     export.add_argument("--format", required=True, choices=["official", "gguf"])
@@ -567,6 +576,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--code-repo", help="official: Hub repo of the official code (GSAI-ML/LLaDA-8B-Instruct)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
     export.set_defaults(func=cmd_export)
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server: step-level batching, streamed drafts, a web "
+                                         "page (generation flags: the defaults of every request)")
+    serve.add_argument("model", help="a saved model folder")
+    from .serving.server import add_serve_options
+
+    add_serve_options(serve)
+    add_generation_options(serve)
+    serve.set_defaults(func=cmd_serve)
 
     train = sub.add_parser("train", help="fine-tune with DiffusionSFTTrainer (flags: DiffusionSFTConfig fields)",
                            add_help=False)

@@ -1,0 +1,605 @@
+"""The engine loop: one thread owns a `DiffusionEngine` and steps it; requests join at the next step boundary.
+
+Requests are queued by the web handlers (`Scheduler.submit`); at each step boundary the loop admits the queued
+requests that fit (`max_batch` rows), adds them to the engine, runs one denoising step for every running row,
+and reports to each request through its `sink` (called on this thread; the web app forwards the events to its
+event loop):
+
+- `Event("progress", index, committed=..., draft=...)` after a step: `committed` is the answer's decided
+  prefix (token ids up to the first masked position, final: masked diffusion never changes a committed token),
+  `draft` the whole answer with mask ids in place (only for requests that asked for drafts);
+- `Event("finished", index, answer=...)` when a row is done: its answer ids (cut at the first end token);
+- `Event("error", status=..., message=...)` when the request fails (the other requests go on).
+
+A row leaves the engine when it is finished, when its committed prefix holds an end token (EOS / EoT: the rest
+of the answer can no longer change what is returned), or when its request is cancelled (`Request.cancel`: the
+client disconnected, or a stop string was found), always at a step boundary.
+
+Batching: the requests admitted at one step boundary with the same settings are added in one `engine.add`
+(a left-padded batch: one state, one forward); the engine runs every cache-less state of a step as one forward
+pass too, so requests that arrive later batch with the running ones. A sampling request with its own `seed` gets
+a state (and generator) of its own. When a state's forward raises (e.g. out of memory), a state of one request
+fails that request; a state shared by several requests is split and each starts again alone (once; only when
+its tokens are reproducible), so only the request that cannot run fails.
+
+Under `torchrun` with tensor parallelism, every rank must run the same forwards: rank 0 (the one serving HTTP)
+broadcasts each engine operation before running it, and the other ranks run `follow` to replay them.
+"""
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..generation_llada import DiffusionEngine, left_pad
+
+
+logger = logging.getLogger("llada_hf.serve")
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` requests already: answer 429 and ask the client to retry."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new requests."""
+
+
+@dataclass
+class Event:
+    """What the loop tells a request. kind: "progress", "finished" or "error"; index: the row (choice)."""
+
+    kind: str
+    index: int = 0
+    committed: list[int] | None = None
+    draft: list[int] | None = None
+    answer: list[int] | None = None
+    nfe: int = 0
+    step: int = 0
+    status: int = 500
+    message: str = ""
+    code: str | None = None
+
+
+def _no_sink(event: Event) -> None:
+    pass
+
+
+@dataclass
+class Request:
+    """One request: `n` rows (choices) of the same prompt, decoded with `settings` (any `generate` keyword)."""
+
+    prompt_ids: list[int]
+    settings: dict[str, Any]
+    n: int = 1
+    seed: int | None = None
+    drafts: bool = False
+    progress: bool = True  # send "progress" events (streams, stop strings); False: only "finished" / "error"
+    sink: Callable[[Event], None] = _no_sink
+    id: int = field(default_factory=itertools.count().__next__)
+    arrived: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    finished_rows: int = 0
+    failed: bool = False
+    _cancelled: set = field(default_factory=set)
+    _complete: set = field(default_factory=set)
+    _restarted: bool = False
+    _cancel_step: int | None = None  # the engine's step count when the first cancel came
+    _scheduler: "Scheduler | None" = None
+
+    def cancel(self, index: int | None = None, complete: bool = False) -> None:
+        """Stop decoding row `index` (every row when None) at the next step boundary. `complete`: the answer is
+        already whole (a stop string was found), so this is no cancellation in the metrics."""
+        indices = range(self.n) if index is None else [index]
+        if self._cancel_step is None and self._scheduler is not None:
+            self._cancel_step = self._scheduler.step_index
+        self._cancelled.update(indices)
+        if complete:
+            self._complete.update(indices)
+        if self._scheduler is not None:
+            self._scheduler._wake()
+
+    @property
+    def sampling(self) -> bool:
+        return bool(self.settings.get("temperature")) or self.settings.get("do_sample") is True
+
+
+@dataclass
+class _Row:
+    request: Request
+    index: int
+    row_id: int
+    state: Any  # the engine state that holds the row
+    committed: int = 0  # length of the committed prefix already reported
+    nfe: int = 0
+    done: bool = False
+
+
+class _Stats:
+    """Counters read by /metrics (written by the loop thread and the handlers; plain ints are enough)."""
+
+    def __init__(self):
+        self.requests = collections.Counter()  # outcome -> count
+        self.steps = 0
+        self.forward_passes = 0
+        self.rows_cancelled = 0
+        self.restarted = 0  # requests started again alone after a shared step failed
+        self.cancel_delay_steps = 0  # most steps between a cancel and its row leaving (1: the step then running)
+        self.generated_tokens = 0
+        self.busy_seconds = 0.0
+        self.peak_rows = 0  # most rows decoded in one step
+        self.recent = collections.deque()  # (time, tokens) of finished rows, for tokens/s
+
+    def finished_row(self, tokens: int) -> None:
+        now = time.monotonic()
+        self.generated_tokens += tokens
+        self.recent.append((now, tokens))
+        while self.recent and self.recent[0][0] < now - 10.0:
+            self.recent.popleft()
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        tokens = sum(count for moment, count in list(self.recent) if moment >= now - window)
+        return tokens / window
+
+
+def _settings_key(settings: dict) -> tuple:
+    return tuple(sorted((name, repr(value)) for name, value in settings.items()))
+
+
+class Scheduler:
+    """Owns the engine and its thread. See the module docstring for the events and the batching rules.
+
+    Args:
+        model: a model with `prepare_decoding` (`LladaForMaskedDiffusion`).
+        end_token_ids: ids that end an answer (EOS, EoT): a row whose committed prefix holds one is done.
+        max_batch: rows decoded at once; more requests wait in the queue.
+        max_queue: requests waiting beyond the running rows; `submit` raises `QueueFull` past it.
+        batch_wait: when the engine is idle and a request comes while others are still being prepared by the web
+            handlers (`preparing` > 0: requests sent together), wait up to this many seconds for them, so that
+            they start together. A lone request never waits.
+        step_delay: seconds to pause after every step (to watch a tiny model denoise; 0 in production).
+        seed: seed of the generator shared by the sampling requests that bring no `seed`.
+        mirror: a `RankMirror` under tensor parallelism (rank 0 broadcasts what it runs), else None.
+    """
+
+    def __init__(self, model, end_token_ids: list[int], max_batch: int = 32, max_queue: int = 256,
+                 batch_wait: float = 0.0, step_delay: float = 0.0, seed: int = 0, mirror=None):
+        self.model = model
+        self.engine = DiffusionEngine(model)
+        self.end_token_ids = set(end_token_ids)
+        self.mask_id = model.config.mask_token_id
+        self.pad_id = _pad_id(model)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batch_wait = batch_wait
+        self.preparing = 0  # requests received by the web app and not yet submitted (counted by the app)
+        self.step_delay = step_delay
+        self.seed = seed
+        self.generator = torch.Generator(device=model.device).manual_seed(seed)
+        self.mirror = mirror
+        self.stats = _Stats()
+        self._queue: collections.deque[Request] = collections.deque()
+        self._rows: dict[int, _Row] = {}  # engine row id -> row
+        self._condition = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._draining_until: float | None = None  # graceful shutdown: finish running rows until then
+        self.step_index = 0
+
+    # ---- called by the web handlers --------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request; it joins the engine at the next step boundary. Raises QueueFull or ShuttingDown."""
+        if request.n > self.max_batch:
+            raise ValueError(f"`n` ({request.n}) exceeds the server's batch ({self.max_batch} rows, --max-batch).")
+        with self._condition:
+            if self._stopping or self._draining_until is not None:
+                raise ShuttingDown("The server is shutting down.")
+            if len(self._queue) >= self.max_queue:
+                self.stats.requests["rejected"] += 1
+                raise QueueFull(f"The queue is full ({self.max_queue} requests waiting); retry shortly.")
+            request._scheduler = self
+            self._queue.append(request)
+            self._condition.notify()
+        return request
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running_rows(self) -> int:
+        return len(self._rows)
+
+    def retry_after(self) -> int:
+        """Seconds a rejected client should wait before retrying (the `Retry-After` header of a 429)."""
+        return 1
+
+    # ---- life cycle ------------------------------------------------------------------------------
+
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._loop, name="llada-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Take no new requests; let running rows finish for `grace` seconds, then cancel what is left."""
+        with self._condition:
+            if self._draining_until is None:
+                self._draining_until = time.monotonic() + grace
+            self._condition.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel everything left (its clients get an error) and end the loop thread."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        with self._condition:
+            self._condition.notify()
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        with torch.no_grad():
+            try:
+                while True:
+                    if not self._wait_for_work():
+                        break
+                    started = time.monotonic()
+                    self._admit()
+                    self._apply_cancellations()
+                    if self.engine.has_unfinished:
+                        self._step()
+                    self.stats.busy_seconds += time.monotonic() - started
+                    if self.step_delay:
+                        time.sleep(self.step_delay)
+            except Exception:  # a bug in the loop itself: fail what is left rather than hang the clients
+                logger.exception("The engine loop failed")
+                self._fail_everything(500, "The engine loop failed; see the server log.")
+            finally:
+                self._fail_everything(503, "The server is shutting down.", code="server_shutting_down")
+                if self.mirror is not None:
+                    self.mirror.broadcast(("stop",))
+
+    def _wait_for_work(self) -> bool:
+        """Block until there is something to do; False when the loop must end."""
+        with self._condition:
+            while True:
+                if self._stopping:
+                    return False
+                if self._draining_until is not None:
+                    self._fail_queued(503, "The server is shutting down.", code="server_shutting_down")
+                    if time.monotonic() >= self._draining_until:
+                        return False
+                    if not self._rows:
+                        return False
+                if self._rows or self._queue:
+                    break
+                self._condition.wait(timeout=1.0)
+                if self.mirror is not None and not (self._rows or self._queue):
+                    self.mirror.broadcast(("noop",))  # keeps the other ranks' collectives alive
+        if self.batch_wait and not self._rows and self._queue:
+            self._gather()
+        return True
+
+    def _gather(self) -> None:
+        """The engine is idle and a request came: while other requests are being prepared (received, not yet
+        submitted), wait for them (at most `batch_wait`, until `max_batch` rows wait), so that requests sent
+        together start together: one state, one forward per step."""
+        deadline = time.monotonic() + self.batch_wait
+        while self.preparing > 0 and time.monotonic() < deadline and not self._stopping:
+            with self._condition:
+                if sum(request.n for request in self._queue) >= self.max_batch:
+                    return
+            time.sleep(0.0005)
+
+    def _admit(self) -> None:
+        """Move queued requests that fit into the engine, grouping rows that can share a state."""
+        admitted = []
+        with self._condition:
+            free = self.max_batch - len(self._rows)
+            while self._queue and self._queue[0].n <= free:
+                request = self._queue.popleft()
+                if request._cancelled and len(request._cancelled) == request.n:
+                    self.stats.requests["cancelled"] += 1
+                    continue
+                admitted.append(request)
+                free -= request.n
+        groups: dict[tuple, list[Request]] = {}
+        for request in admitted:  # same settings (and, when sampling, no seed of its own): one state
+            seeded = request.sampling and request.seed is not None
+            groups.setdefault(("alone", request.id) if seeded else _settings_key(request.settings), []).append(request)
+        for group in groups.values():
+            self._add(group)
+
+    def _add(self, group: list[Request]) -> None:
+        rows = [request.prompt_ids for request in group for _ in range(request.n)]
+        input_ids, attention_mask = left_pad(rows, self.pad_id)
+        if all(len(row) == input_ids.shape[1] for row in rows):
+            attention_mask = None  # no padding: the prompts as generate gets them alone
+        request = group[0]
+        generator = self.generator
+        if request.sampling and request.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(request.seed)
+        try:
+            row_ids = self._engine_add(input_ids, attention_mask, request.settings, request.seed if
+                                       generator is not self.generator else None)
+        except Exception as error:  # bad settings slipped through validation, or no memory for the prompt
+            if len(group) > 1:
+                for single in group:
+                    self._add([single])
+                return
+            self._fail(request, _status_of(error), _message_of(error))
+            return
+        state = self.engine.states[-1]
+        now = time.monotonic()
+        ids = iter(row_ids)
+        for member in group:
+            member.started = now
+            for index in range(member.n):
+                row_id = next(ids)
+                self._rows[row_id] = _Row(member, index, row_id, state)
+
+    def _apply_cancellations(self) -> None:
+        for row in list(self._rows.values()):
+            if row.index in row.request._cancelled:
+                self._engine_remove(row.row_id)
+                del self._rows[row.row_id]
+                complete = row.index in row.request._complete
+                self.stats.rows_cancelled += not complete
+                if row.request._cancel_step is not None:
+                    delay = self.step_index - row.request._cancel_step
+                    self.stats.cancel_delay_steps = max(self.stats.cancel_delay_steps, delay)
+                self._row_done(row, outcome="ok" if complete else "cancelled")
+
+    def _step(self) -> None:
+        before = getattr(self.engine, "forward_passes", None)
+        self.stats.peak_rows = max(self.stats.peak_rows, len(self._rows))
+        failures = self._engine_step()
+        self.step_index += 1
+        self.stats.steps += 1
+        after = getattr(self.engine, "forward_passes", None)
+        if before is not None and after is not None:
+            self.stats.forward_passes += after - before
+        failed = {id(state) for state, _ in failures}
+        stepped = [row for row in self._rows.values() if id(row.state) not in failed]
+        if failures:
+            self._recover(failures)
+        for row in stepped:
+            row.nfe += 1
+            self._report(row)
+
+    def _recover(self, failures: list[tuple[Any, Exception]]) -> None:
+        """States whose step raised: a state of one request fails it; a state shared by several requests is split,
+        each request starting again alone (once), so that only the one that cannot run fails."""
+        for state, error in failures:
+            rows = [row for row in self._rows.values() if row.state is state]
+            requests = list({id(row.request): row.request for row in rows}.values())
+            for row in rows:
+                self._engine_remove(row.row_id)
+                del self._rows[row.row_id]
+            for request in requests:
+                if len(requests) > 1 and _restartable(request) and self.mirror is None:
+                    logger.warning("A shared step failed (%s); request %s starts again alone", error, request.id)
+                    request._restarted = True
+                    self.stats.restarted += 1
+                    self._add([request])
+                else:
+                    self._fail(request, _status_of(error), _message_of(error))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _report(self, row: _Row) -> None:
+        """Tell the row's request what the step decided; finish the row when it is done."""
+        draft = self.engine.draft(row.row_id).tolist()
+        masked = [position for position, token in enumerate(draft) if token == self.mask_id]
+        committed = draft[: masked[0]] if masked else draft
+        end = next((position for position, token in enumerate(committed) if token in self.end_token_ids), None)
+        finished = self.engine.is_finished(row.row_id)
+        if end is not None or finished:
+            answer = committed[:end] if end is not None else _cut(draft, self.end_token_ids)
+            if finished:
+                self._engine_pop(row.row_id)
+            else:
+                self._engine_remove(row.row_id)  # decided up to its end: the rest cannot change the answer
+            del self._rows[row.row_id]
+            self.stats.finished_row(len(answer))
+            self._send(row.request, Event("finished", row.index, answer=answer, nfe=row.nfe, step=self.step_index))
+            self._row_done(row, outcome="ok")
+            return
+        if row.request.progress and (len(committed) > row.committed or row.request.drafts):
+            row.committed = len(committed)
+            self._send(row.request, Event("progress", row.index, committed=committed,
+                                          draft=draft if row.request.drafts else None, nfe=row.nfe,
+                                          step=self.step_index))
+
+    def _row_done(self, row: _Row, outcome: str) -> None:
+        request = row.request
+        request.finished_rows += 1
+        if request.finished_rows == request.n and not request.failed:
+            cancelled = len(request._cancelled - request._complete) == request.n
+            self.stats.requests["cancelled" if cancelled else "ok"] += 1
+
+    # ---- failures ----------------------------------------------------------------------------------
+
+    def _fail(self, request: Request, status: int, message: str, code: str | None = None) -> None:
+        if request.failed:
+            return
+        request.failed = True
+        self.stats.requests["error"] += 1
+        for row in [row for row in self._rows.values() if row.request is request]:
+            self._engine_remove(row.row_id)
+            del self._rows[row.row_id]
+        self._send(request, Event("error", status=status, message=message, code=code))
+
+    def _fail_queued(self, status: int, message: str, code: str | None = None) -> None:
+        while self._queue:
+            self._fail(self._queue.popleft(), status, message, code)
+
+    def _fail_everything(self, status: int, message: str, code: str | None = None) -> None:
+        with self._condition:
+            self._fail_queued(status, message, code)
+        for request in {row.request.id: row.request for row in list(self._rows.values())}.values():
+            self._fail(request, status, message, code)
+
+    def _send(self, request: Request, event: Event) -> None:
+        try:
+            request.sink(event)
+        except Exception:  # a closed event loop (the server is stopping): nobody is listening any more
+            logger.debug("Could not deliver an event to request %s", request.id, exc_info=True)
+
+    # ---- engine operations (mirrored to the other ranks under tensor parallelism) ------------------
+
+    def _engine_add(self, input_ids, attention_mask, settings: dict, seed: int | None) -> list[int]:
+        if self.mirror is not None:
+            self.mirror.broadcast(("add", input_ids, attention_mask, settings, seed))
+        return apply_add(self.engine, self.generator, input_ids, attention_mask, settings, seed)
+
+    def _engine_remove(self, row_id: int) -> None:
+        if self.mirror is not None:
+            self.mirror.broadcast(("remove", row_id))
+        self.engine.remove(row_id)
+
+    def _engine_pop(self, row_id: int) -> None:
+        if self.mirror is not None:
+            self.mirror.broadcast(("pop", row_id))
+        self.engine.pop(row_id)
+
+    def _engine_step(self) -> list[tuple[Any, Exception]]:
+        if self.mirror is not None:
+            self.mirror.broadcast(("step",))
+        return apply_step(self.engine, isolate=self.mirror is None)
+
+
+# ---- engine operations shared by rank 0 and the ranks that follow it -------------------------------
+
+
+def apply_add(engine: DiffusionEngine, shared_generator, input_ids, attention_mask, settings: dict,
+              seed: int | None) -> list[int]:
+    device = engine.model.device
+    generator = shared_generator if seed is None else torch.Generator(device=device).manual_seed(seed)
+    return engine.add(input_ids.to(device), attention_mask.to(device) if attention_mask is not None else None,
+                      generator=generator, **settings)
+
+
+def apply_step(engine: DiffusionEngine, isolate: bool = True) -> list[tuple[Any, Exception]]:
+    """One step for every request. When the step raises, step each state alone so that only the states whose
+    forward fails are reported (a state stepped twice in one round loses nothing: its tokens do not depend on
+    the other states). Without `isolate` (tensor parallelism: every rank must run the same forwards), every
+    unfinished state is reported as failed."""
+    try:
+        engine.step()
+        return []
+    except Exception as first_error:
+        if not isolate:
+            logger.error("A step failed (%s); every running request fails", first_error)
+            return [(state, first_error) for state in engine.states if not state.done]
+        logger.warning("A step failed (%s); stepping each request alone", first_error)
+    failures = []
+    for state in list(engine.states):
+        if state.done:
+            continue
+        try:
+            state.step()
+        except Exception as error:
+            failures.append((state, error))
+    return failures
+
+
+def follow(engine: DiffusionEngine, mirror, seed: int = 0) -> None:
+    """The loop of a rank other than 0 under tensor parallelism: replay rank 0's engine operations."""
+    import signal
+
+    for name in ("SIGTERM", "SIGINT"):  # torchrun forwards signals to every rank: rank 0 decides when to stop
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    generator = torch.Generator(device=engine.model.device).manual_seed(seed)
+    with torch.no_grad():
+        while True:
+            operation = mirror.receive()
+            kind = operation[0]
+            try:
+                if kind == "stop":
+                    return
+                if kind == "add":
+                    apply_add(engine, generator, *operation[1:])
+                elif kind == "remove":
+                    engine.remove(operation[1])
+                elif kind == "pop":
+                    engine.pop(operation[1])
+                elif kind == "step":
+                    apply_step(engine, isolate=False)
+            except Exception:  # rank 0 sees the same failure and answers the client
+                logger.debug("Replayed operation %s failed", kind, exc_info=True)
+
+
+class RankMirror:
+    """Broadcasts engine operations from rank 0 to the other ranks (torch.distributed, any backend)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+
+    def broadcast(self, operation: tuple) -> None:
+        self.dist.broadcast_object_list([_to_cpu(operation)], src=0)
+
+    def receive(self) -> tuple:
+        box = [None]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _to_cpu(operation: tuple) -> tuple:
+    return tuple(item.cpu() if isinstance(item, torch.Tensor) else item for item in operation)
+
+
+# ---- small helpers ----------------------------------------------------------------------------------
+
+
+def _pad_id(model) -> int:
+    config = model.generation_config
+    for candidate in (config.pad_token_id, model.config.pad_token_id, config.eos_token_id, model.config.eos_token_id):
+        if isinstance(candidate, (list, tuple)):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None and candidate != model.config.mask_token_id:
+            return int(candidate)
+    return 0
+
+
+def _restartable(request: Request) -> bool:
+    """Whether decoding the request again from the start gives what its client has already seen: not restarted
+    before, no row finished, and its tokens reproducible (greedy, or sampling with its own seed)."""
+    reproducible = not request.sampling or request.seed is not None
+    return not request._restarted and request.finished_rows == 0 and reproducible and not request.failed
+
+
+def _cut(ids: list[int], end_ids: set) -> list[int]:
+    return ids[: next((i for i, token in enumerate(ids) if token in end_ids), len(ids))]
+
+
+def _status_of(error: Exception) -> int:
+    if isinstance(error, (ValueError, TypeError)):
+        return 400
+    if isinstance(error, torch.OutOfMemoryError):
+        return 503
+    return 500
+
+
+def _message_of(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, torch.OutOfMemoryError):
+        return f"Out of memory while decoding this request; retry with a shorter prompt or answer ({text})."
+    if isinstance(error, (ValueError, TypeError)):
+        return text
+    return f"Decoding failed: {type(error).__name__}: {text}"

@@ -1,0 +1,184 @@
+"""`llada-hf serve`: its flags, the model loading (one process, or tensor parallel under `torchrun`), and uvicorn.
+
+Nothing here imports FastAPI or uvicorn until the server starts, so `llada-hf --help` works without them.
+"""
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+
+
+logger = logging.getLogger("llada_hf.serve")
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of `llada-hf serve` (the generation flags are added by the CLI: they are the defaults)."""
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--api-key", default=os.environ.get("LLADA_HF_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on /v1/* and /metrics (default: $LLADA_HF_API_KEY)")
+    group.add_argument("--served-model-name", help="the `model` id clients pass (default: the folder's name)")
+    group.add_argument("--max-batch", type=int, default=32, help="rows decoded at once (default: 32)")
+    group.add_argument("--max-queue", type=int, default=256,
+                       help="requests waiting beyond the running ones; more get 429 (default: 256)")
+    group.add_argument("--max-tokens-limit", type=int, default=None,
+                       help="largest max_tokens a request may ask for (default: the model's context)")
+    group.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    group.add_argument("--batch-wait-ms", type=float, default=20.0,
+                       help="when idle, wait up to this long for requests received together with the first one, so "
+                            "that they start together; a lone request never waits (default: 20)")
+    group.add_argument("--step-delay", type=float, default=0.0,
+                       help="seconds to pause after each step, to watch a tiny model denoise (default: 0)")
+    group.add_argument("--shutdown-grace", type=float, default=10.0,
+                       help="on SIGTERM, seconds running answers may take to finish before they are cancelled")
+    group.add_argument("--tensor-parallel", action="store_true",
+                       help="shard the model over the processes of `torchrun` (transformers' tp_plan='auto')")
+    group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    from ..cli import CliError
+
+    for name in ("max_batch", "max_queue", "max_body_bytes", "port"):
+        value = getattr(args, name)
+        if value is None or value < (0 if name == "port" else 1):
+            raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise CliError(f"--max-tokens-limit must be a positive integer, got {args.max_tokens_limit}.")
+    for name in ("batch_wait_ms", "step_delay", "shutdown_grace"):
+        if getattr(args, name) < 0:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 0.")
+    if args.tensor_parallel and "WORLD_SIZE" not in os.environ:
+        raise CliError("--tensor-parallel runs under torchrun: torchrun --nproc_per_node N -m llada_hf.cli serve ...")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_for_serving(args: argparse.Namespace):
+    """(model, tokenizer) of a text model folder; sharded with tensor parallelism under torchrun when asked."""
+    import torch
+
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    import llada_hf  # noqa: F401  (registers the Auto classes)
+
+    from ..cli import CliError, check_generation_args, check_model_path
+
+    check_model_path(args.model)
+    model_type = AutoConfig.from_pretrained(args.model).model_type
+    if model_type != "llada":
+        raise CliError(f"{args.model}: `llada-hf serve` serves text models (model_type 'llada'), not {model_type!r}.")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer.padding_side = "left"
+    if args.tensor_parallel:
+        from transformers.distributed import DistributedConfig
+
+        if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise CliError(f"--dtype {args.dtype!r} is not supported.")
+        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+        model = AutoModel.from_pretrained(args.model, dtype=dtype,
+                                          distributed_config=DistributedConfig(tp_plan="auto")).eval()
+        return model, tokenizer
+    check_generation_args(args)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModel.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    return model, tokenizer
+
+
+def run_from_args(args: argparse.Namespace) -> None:
+    """Load the model and serve until SIGINT/SIGTERM."""
+    from ..cli import CliError, generation_kwargs
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise CliError(f"`llada-hf serve` needs FastAPI and uvicorn: pip install 'llada-hf[serve]' "
+                       f"({error}).") from None
+    check_serve_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    model, tokenizer = load_for_serving(args)
+    from ..streaming_llada import end_token_ids
+    from .scheduler import RankMirror, Scheduler, follow
+
+    ends = end_token_ids(tokenizer, model.generation_config)
+    mirror = None
+    if args.tensor_parallel:
+        import torch.distributed as dist
+
+        mirror = RankMirror()
+        if dist.get_rank() != 0:  # rank 0 serves HTTP; the others replay its engine operations
+            from ..generation_llada import DiffusionEngine
+
+            follow(DiffusionEngine(model), mirror, seed=args.seed)
+            return
+    scheduler = Scheduler(model, ends, max_batch=args.max_batch, max_queue=args.max_queue,
+                          batch_wait=args.batch_wait_ms / 1000, step_delay=args.step_delay, seed=args.seed,
+                          mirror=mirror)
+    serve(model, tokenizer, scheduler, host=args.host, port=args.port, api_key=args.api_key,
+          model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+          defaults=generation_kwargs(args), max_tokens_limit=args.max_tokens_limit,
+          max_body_bytes=args.max_body_bytes, shutdown_grace=args.shutdown_grace, log_level=args.log_level,
+          end_token_ids=ends)
+
+
+def serve(model, tokenizer, scheduler, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          model_name: str = "llada", defaults: dict | None = None, max_tokens_limit: int | None = None,
+          max_body_bytes: int = 1 << 20, shutdown_grace: float = 10.0, log_level: str = "info",
+          end_token_ids: list[int] | None = None) -> None:
+    """Serve `model` with uvicorn until SIGINT/SIGTERM; on the signal, running answers get `shutdown_grace`
+    seconds to finish, then are cancelled (their clients get an error), and the process exits."""
+    import uvicorn
+
+    from ..streaming_llada import end_token_ids as find_end_token_ids
+    from .app import ServerConfig, create_app
+
+    if not is_loopback(host) and api_key is None:
+        logger.warning("Serving on %s without --api-key: anyone who can reach this address can use the model.", host)
+    context = getattr(model.config, "max_position_embeddings", None)
+    config = ServerConfig(model_name=model_name, api_key=api_key, defaults=dict(defaults or {}),
+                          max_tokens_limit=max_tokens_limit or context or 4096, max_body_bytes=max_body_bytes,
+                          context=context)
+    ends = end_token_ids if end_token_ids is not None else find_end_token_ids(tokenizer, model.generation_config)
+    app = create_app(model, tokenizer, scheduler, config, ends)
+    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                    timeout_graceful_shutdown=shutdown_grace + 5)
+    GracefulServer(uvicorn_config, scheduler, shutdown_grace).run()
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, telling the scheduler to finish or cancel running rows when a signal arrives."""
+
+        def __init__(self, config, scheduler, grace: float):
+            super().__init__(config)
+            self.scheduler = scheduler
+            self.grace = grace
+
+        def handle_exit(self, sig, frame) -> None:
+            self.scheduler.begin_shutdown(self.grace)
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            await super().shutdown(sockets)
+            # uvicorn raises a captured SIGTERM again once it has shut down (the process then dies of it); the
+            # shutdown was graceful, so exit normally instead. A captured Ctrl-C still ends as KeyboardInterrupt.
+            self._captured_signals = [sig for sig in self._captured_signals if sig != signal.SIGTERM]
+
+    return GracefulServer
+
+
+def GracefulServer(config, scheduler, grace: float):  # noqa: N802  (a class made on first use: uvicorn is optional)
+    return _graceful_server_class()(config, scheduler, grace)
