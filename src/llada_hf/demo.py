@@ -83,7 +83,7 @@ def invented_pairs(count: int, seed: int) -> list[tuple[str, str]]:
         ```python
         >>> from llada_hf.demo import invented_pairs
         >>> invented_pairs(2, seed=0)
-        [('lomi', 'vuku'), ('zavo', 'bapo')]
+        [('rada', 'buse'), ('ruga', 'make')]
         ```
     """
     rng = random.Random(seed)
