@@ -123,6 +123,19 @@ def score(model, tokenizer: PreTrainedTokenizerBase, rows: list[list[str]]) -> t
     return exact, positions
 
 
+# What every trainer of this script shares: CPU, no checkpoints, no reports, quiet logs.
+QUIET = dict(bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=10,
+             disable_tqdm=True)
+
+
+def train_with_curve(trainer, callback: "HeldOutCurve") -> "Curve":
+    """Train, scoring the trainer's own model on the held-out rows at step 0 and every `callback.every` steps."""
+    callback.model = trainer.model
+    callback.record(0)
+    trainer.train()
+    return callback.curve
+
+
 class HeldOutCurve(TrainerCallback):
     """Scores the trainer's model on the held-out rows every `every` optimizer steps."""
 
@@ -234,21 +247,13 @@ def sft_continued(
             per_device_train_batch_size=16,
             learning_rate=args.dpo_lr,
             seed=seed,
-            bf16=False,
-            gradient_checkpointing=False,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10,
-            disable_tqdm=True,
+            **QUIET,
         ),
         train_dataset=Dataset.from_dict({"prompt": pairs["prompt"], "completion": pairs["chosen"]}),
         processing_class=tokenizer,
         callbacks=[callback],
     )
-    callback.model = trainer.model
-    callback.record(0)
-    trainer.train()
-    return callback.curve
+    return train_with_curve(trainer, callback)
 
 
 def dpo(
@@ -276,21 +281,13 @@ def dpo(
             n_mask=1,
             antithetic_sampling=True,
             seed=seed,
-            bf16=False,
-            gradient_checkpointing=False,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10,
-            disable_tqdm=True,
+            **QUIET,
         ),
         train_dataset=pairs,
         processing_class=tokenizer,
         callbacks=[callback],
     )
-    callback.model = trainer.model
-    callback.record(0)
-    trainer.train()
-    return callback.curve
+    return train_with_curve(trainer, callback)
 
 
 def grpo(
@@ -316,21 +313,13 @@ def grpo(
             block_length=ANSWER_TOKENS,
             beta=0.04,
             seed=seed,
-            bf16=False,
-            gradient_checkpointing=False,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=10,
-            disable_tqdm=True,
+            **QUIET,
         ),
         train_dataset=data,
         processing_class=tokenizer,
         callbacks=[callback],
     )
-    callback.model = trainer.model
-    callback.record(0)
-    trainer.train()
-    return callback.curve
+    return train_with_curve(trainer, callback)
 
 
 def plot(curves: dict[str, list[Curve]], sft_exact: float, path: Path) -> None:

@@ -744,11 +744,14 @@ class DiffusionDecodingState:
         never += _token_ids(config.eos_token_id) if config.logits_eos_inf else []
         never += [config.mask_token_id] if config.logits_mask_inf else []
         _forbid(logits, never)
+        begin = _token_ids(config.begin_suppress_tokens)
+        if not (config.min_new_tokens or begin):  # the usual case: no per-position suppression this step
+            return logits
         answer_position = torch.arange(window_start, window_end, device=logits.device) - self.answer_start  # [W]
         if config.min_new_tokens:
             ends = _token_ids(config.eos_token_id) + _token_ids(config.eot_token_id)
             _forbid(logits, ends, (answer_position >= 0) & (answer_position < config.min_new_tokens))
-        _forbid(logits, _token_ids(config.begin_suppress_tokens), answer_position == 0)
+        _forbid(logits, begin, answer_position == 0)
         return logits
 
     def _scores(self, logits: torch.Tensor, candidates: torch.LongTensor, eligible: torch.Tensor) -> torch.Tensor:
