@@ -598,7 +598,9 @@ class DiffusionDecodingState:
             raise RuntimeError("This decoding state is done; read `output()` or start a new one.")
         block = self.blocks[self.block_index]
         rows = self.active.nonzero().squeeze(1)
-        window_start = int((self.x[rows, : block.end] == self.mask_id).any(0).nonzero()[0])  # first mask of any row
+        # The window is the whole block (a fixed width: static shapes for torch.compile), or starts at an
+        # earlier mask of any row (masks left in the prompt stay eligible, as in the official sampler).
+        window_start = min(block.start, int((self.x[rows, : block.end] == self.mask_id).any(0).nonzero()[0]))
         guided = self.config.cfg_scale > 0
         length = self.x.shape[1]
         if self.config.canvas_tail is not None:  # a bounded canvas: masks far beyond the block are left out

@@ -1,9 +1,9 @@
 """Pick decoding settings by measurement: accuracy against answer tokens per second on a small dev set.
 
 `tune` tries the default `generate` and a seeded random sample of other settings (remasking strategy, block
-length, steps, parallel decoding by threshold or entropy bound, key/value cache, bounded canvas), scores each on
-the dev set, and returns every trial with the Pareto front marked (no other trial is both more accurate and
-faster). `llada-hf tune` prints the front, draws it, and can save the chosen setting into the model's
+length, steps, parallel decoding by threshold or entropy bound, key/value cache, bounded canvas, early exit),
+scores each on the dev set, and returns every trial with the Pareto front marked (no other trial is both more
+accurate and faster). `llada-hf tune` prints the front, draws it, and can save the chosen setting into the model's
 `generation_config.json`.
 """
 
@@ -27,6 +27,7 @@ SEARCH_SPACE: dict[str, tuple] = {
     "entropy_bound": (None, 0.5, 1.0),
     "kv_cache": (None, "prefix", "dual"),
     "canvas_tail": (None, 32),
+    "early_exit": (False, True),
 }
 
 
@@ -141,8 +142,8 @@ def _fit(draw: dict, max_new_tokens: int) -> dict:
     blocks = -(-max_new_tokens // block_length)
     steps = max(blocks, int(max_new_tokens * draw["steps_per_token"]))
     settings = {"remasking": draw["remasking"], "block_length": block_length, "steps": steps}
-    for key in ("confidence_threshold", "entropy_bound", "kv_cache", "canvas_tail"):
-        if draw[key] is not None:
+    for key in ("confidence_threshold", "entropy_bound", "kv_cache", "canvas_tail", "early_exit"):
+        if draw[key] not in (None, False):
             settings[key] = draw[key]
     if settings == {"remasking": "low_confidence", "block_length": max_new_tokens, "steps": max_new_tokens}:
         return {}  # the default
