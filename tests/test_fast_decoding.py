@@ -181,3 +181,19 @@ def test_the_forward_compiles_with_a_diffusion_cache(model):
         partial = compiled(x[:, start:start + 4], attention_mask=mask, cache=cache).logits
         full = model(x, attention_mask=mask).logits
     torch.testing.assert_close(partial, full[:, start:start + 4], atol=1e-5, rtol=1e-5)
+
+
+def test_a_cached_generate_calls_the_forward_with_two_shapes_only(model):
+    """The window keeps the block's width, so a compiled forward compiles once per shape, not once per step."""
+    ids, mask = left_padded_batch(ROWS)
+    shapes = set()
+
+    def record(module, args, kwargs):
+        shapes.add((tuple(kwargs["input_ids"].shape), kwargs["logits_to_keep"].numel()))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model.generate(ids, attention_mask=mask, max_new_tokens=16, steps=16, block_length=4, kv_cache="dual")
+    finally:
+        handle.remove()
+    assert shapes == {((3, ids.shape[1] + 16), 4), ((3, 4), 4)}
