@@ -6,7 +6,17 @@ import torch
 from PIL import Image
 
 from llada_hf.cli import main
-from llada_hf.demo_vision import CANVAS, QUICK_VISION, STAGES, Scene, caption, draw, final_answer, reasoning
+from llada_hf.demo_vision import (
+    CANVAS,
+    QUICK_VISION,
+    STAGES,
+    Scene,
+    build_tokenizer,
+    caption,
+    draw,
+    final_answer,
+    reasoning,
+)
 
 
 def test_pictures_and_reasoning_answers_are_consistent():
@@ -26,6 +36,12 @@ def test_pictures_and_reasoning_answers_are_consistent():
     assert question == "how many red shapes are left of the triangle ?"
     assert chain == "left of the triangle : red square , blue circle . answer 1" and answer == "1"
     assert final_answer(chain) == "1" and final_answer("red square") == ""
+
+
+def test_every_word_is_one_token():  # short answers: "answer 1" is two tokens, not six
+    tokenizer = build_tokenizer()
+    chain = "left of the triangle : red square , blue circle . answer 1"
+    assert len(tokenizer.tokenize(chain)) == len(chain.split()) and len(tokenizer.tokenize("diamond")) == 1
 
 
 def test_quick_vision_demo_runs_end_to_end(tmp_path, capsys):
