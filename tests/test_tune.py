@@ -93,3 +93,11 @@ def test_cli_tune_prints_the_front_and_saves_the_choice(trained, tmp_path):
     result = subprocess.run([sys.executable, "-m", "llada_hf.cli", "tune", str(folder), "--dev", str(bad)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and "'prompt' and 'completion'" in result.stderr
+
+
+def test_a_score_may_give_partial_credit(trained):
+    model, tokenizer, _ = trained
+    dev = _rows(4, 2)
+    results = tune(model, tokenizer, [r["prompt"] for r in dev], [r["completion"] for r in dev], max_new_tokens=8,
+                   trials=1, score=lambda answer, reference: 0.25)
+    assert results[0].accuracy == 25.0

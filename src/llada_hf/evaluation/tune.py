@@ -33,7 +33,7 @@ SEARCH_SPACE: dict[str, tuple] = {
 
 @dataclass
 class Trial:
-    """One measured setting: the `generate` keyword arguments, exact-match accuracy (%), answer tokens per
+    """One measured setting: the `generate` keyword arguments, accuracy (%, the mean score), answer tokens per
     second (up to the end token), forward passes per batch, and whether it is on the Pareto front."""
 
     settings: dict
@@ -56,14 +56,15 @@ def tune(
     *,
     max_new_tokens: int = 64,
     trials: int = 12,
-    score: Callable[[str, str], bool] = exact_match,
+    score: Callable[[str, str], bool | float] = exact_match,
     batch_size: int = 8,
     seed: int = 0,
 ) -> list[Trial]:
     """Measure the default setting and `trials - 1` seeded random others on a dev set; mark the Pareto front.
 
     The settings tried (and so the accuracies, at temperature 0) depend only on `seed`; the speeds are wall-clock
-    measurements of this machine.
+    measurements of this machine. `score(answer, reference)` returns True/False or partial credit in [0, 1]
+    (e.g. the share of right tokens); accuracy is its mean, in %.
 
     Example:
         ```python
@@ -165,7 +166,7 @@ def _measure(model, tokenizer, prompts, references, settings, score, batch_size,
         seconds += time.perf_counter() - began
         answers = truncate_at_eos(out.sequences[:, input_ids.shape[1] :], ends)
         for answer, reference in zip(answers, references[start : start + batch_size]):
-            correct += bool(score(tokenizer.decode(answer, skip_special_tokens=True), reference))
+            correct += float(score(tokenizer.decode(answer, skip_special_tokens=True), reference))
             answer_tokens += len(answer)
         forwards += out.nfe
         batches += 1
