@@ -115,6 +115,9 @@ def plot_front(results: list[Trial], path: str) -> None:
     axes.set_xlabel("answer tokens / s")
     axes.set_ylabel("accuracy (%)")
     axes.set_xscale("log")
+    axes.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, 100, ...
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
