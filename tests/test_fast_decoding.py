@@ -197,3 +197,17 @@ def test_a_cached_generate_calls_the_forward_with_two_shapes_only(model):
     finally:
         handle.remove()
     assert shapes == {((3, ids.shape[1] + 16), 4), ((3, 4), 4)}
+
+
+@pytest.mark.parametrize("kv_cache", [None, "dual"])
+def test_a_row_whose_block_is_done_sits_out_the_steps_and_is_unchanged(model, kv_cache):
+    ids, mask = left_padded_batch(ROWS)
+    settings = dict(max_new_tokens=8, steps=8, block_length=4, confidence_threshold=0.2, kv_cache=kv_cache)
+    state = model.prepare_decoding(ids, attention_mask=mask, **settings)
+    while not state.done:
+        state.step()
+    forwards = state.forwards_taken.tolist()
+    assert min(forwards) < state.nfe  # some row took fewer forward passes than the batch ran
+    for row, prompt in enumerate(ROWS):
+        alone = model.generate(torch.tensor([prompt]), **settings)
+        assert torch.equal(state.output()[row, -8:], alone[0, -8:])
