@@ -215,22 +215,19 @@ def first_blocks(model, ids, mask, length: int, blocks: int, extra: dict) -> tup
 
 
 @torch.no_grad()
-def cache_arithmetic(model, prompts, args) -> list[tuple]:
+def cache_arithmetic(model, tokenizer, prompts, args) -> None:
     """Measured speed-up of the caches over the official sampler at equal steps, against their FLOP ratio."""
-    rows = []
     for length in args.lengths:
         for batch in args.batches:
-            ids, mask = encode(model.tokenizer, prompts[:batch], args.device)
+            ids, mask = encode(tokenizer, prompts[:batch], args.device)
             measured = {name: first_blocks(model, ids, mask, length, args.arithmetic_blocks, SETTINGS[name])
                         for name in EQUAL_STEPS}
             base_seconds, base_flops = measured["official"]
             for name in EQUAL_STEPS[1:]:
                 seconds, flops = measured[name]
                 speedup, allowed = base_seconds / seconds, base_flops / flops
-                rows.append((length, batch, name, speedup, allowed, speedup / allowed))
                 print(f"| {length} | {batch} | {name} | {speedup:.2f}x | {allowed:.2f}x | {speedup / allowed:.2f} |",
                       flush=True)
-    return rows
 
 
 def answers_of(tokenizer, out_ids: torch.Tensor) -> list[str]:
@@ -319,39 +316,29 @@ def speed(llada, llama, tokenizer, prompts, settings: dict, args, label: str = "
     return table
 
 
-def compiled_speed(llada, tokenizer, prompts, args) -> list[tuple]:
-    """Eager against `model.forward = torch.compile(model.forward)` for the cached decoders (compilation
-    excluded: one warm-up call per shape first)."""
-    rows = []
-    names = ("dual", "dual+tau0.9", args.best)
-    eager = {}
-    for length in args.lengths[:1]:
-        for batch in args.batches:
-            ids, mask = encode(tokenizer, prompts[:batch], args.device)
-            for name in names:
-                eager[(name, batch)] = timed(lambda: diffusion_run(llada, ids, mask, length, SETTINGS[name]),
-                                             args.device)[1]
+def compiled_speed(llada, tokenizer, prompts, args) -> None:
+    """Eager against `model.forward = torch.compile(model.forward)` for the cached decoders at the first length
+    (compilation excluded: one warm-up call per case first)."""
+    length = args.lengths[0]
+    cases = [(batch, name, *encode(tokenizer, prompts[:batch], args.device))
+             for batch in args.batches for name in ("dual", "dual+tau0.9", args.best)]
+
+    def seconds_of(name, ids, mask) -> float:
+        return timed(lambda: diffusion_run(llada, ids, mask, length, SETTINGS[name]), args.device)[1]
+
+    eager = [seconds_of(name, ids, mask) for _, name, ids, mask in cases]
     forward = llada.forward
     llada.forward = torch.compile(forward)  # shapes that change (rows leaving the batch) become dynamic
     try:
         started = time.perf_counter()
-        for length in args.lengths[:1]:
-            for batch in args.batches:
-                ids, mask = encode(tokenizer, prompts[:batch], args.device)
-                for name in names:
-                    diffusion_run(llada, ids, mask, length, SETTINGS[name])  # compiles each new shape once
+        for _, name, ids, mask in cases:
+            diffusion_run(llada, ids, mask, length, SETTINGS[name])  # compiles each new shape once
         print(f"compilation (first calls): {time.perf_counter() - started:.0f} s", flush=True)
-        for length in args.lengths[:1]:
-            for batch in args.batches:
-                ids, mask = encode(tokenizer, prompts[:batch], args.device)
-                for name in names:
-                    seconds = timed(lambda: diffusion_run(llada, ids, mask, length, SETTINGS[name]), args.device)[1]
-                    rows.append((length, batch, name, eager[(name, batch)], seconds))
-                    print(f"| {length} | {batch} | {name} | {eager[(name, batch)]:.3f} | {seconds:.3f} | "
-                          f"{eager[(name, batch)] / seconds:.2f}x |", flush=True)
+        for (batch, name, ids, mask), before in zip(cases, eager):
+            after = seconds_of(name, ids, mask)
+            print(f"| {length} | {batch} | {name} | {before:.3f} | {after:.3f} | {before / after:.2f}x |", flush=True)
     finally:
         llada.forward = forward
-    return rows
 
 
 def tuned_setting(llada, tokenizer, tests, args) -> dict:
@@ -421,7 +408,6 @@ def main():
     llama = train_llama(tokenizer, args).to(args.device)
     if args.train_only:
         return
-    llada.tokenizer = tokenizer
     body = sum(p.numel() for n, p in llada.named_parameters() if ".layers." in n)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}; LLaDA and Llama "
           f"{body / 1e6:.2f}M body parameters, vocabulary {llada.config.vocab_size}", flush=True)
@@ -445,7 +431,7 @@ def main():
         print(f"\nCaches at equal steps, first {args.arithmetic_blocks} blocks: measured speed-up over the official "
               "sampler, the speed-up the FLOPs allow, and their ratio\n\n| length | batch | cache | measured | "
               "FLOP ratio | reached |\n|---|---|---|---|---|---|", flush=True)
-        cache_arithmetic(llada, prompts, args)
+        cache_arithmetic(llada, tokenizer, prompts, args)
     if "compile" not in args.skip:
         print("\ntorch.compile(model.forward): seconds per generate call, eager vs compiled\n\n| length | batch | "
               "setting | eager s | compiled s | speed-up |\n|---|---|---|---|---|---|", flush=True)

@@ -599,10 +599,11 @@ class DiffusionDecodingState:
         block = self.blocks[self.block_index]
         # Rows with nothing left to commit up to the block's end sit the step out: their tokens cannot change,
         # and on a batch that waits for its slowest row they would otherwise cost a forward at every step.
-        rows = (self.active & (self.x[:, : block.end] == self.mask_id).any(1)).nonzero().squeeze(1)
+        masked = self.x[:, : block.end] == self.mask_id
+        rows = (self.active & masked.any(1)).nonzero().squeeze(1)
         # The window is the whole block (a fixed width: static shapes for torch.compile), or starts at an
         # earlier mask of any row (masks left in the prompt stay eligible, as in the official sampler).
-        window_start = min(block.start, int((self.x[rows, : block.end] == self.mask_id).any(0).nonzero()[0]))
+        window_start = min(block.start, int(masked[rows].any(0).nonzero()[0]))
         guided = self.config.cfg_scale > 0
         length = self.x.shape[1]
         if self.config.canvas_tail is not None:  # a bounded canvas: masks far beyond the block are left out
