@@ -135,3 +135,33 @@ def tokenizer_model(tokenizer, seed: int = 0, **overrides):
 def left_padded_batch(rows, pad_id=PAD_ID):
     """Left-pad lists of ids into (input_ids, attention_mask)."""
     return left_pad(rows, pad_id)
+
+
+def forward_terms(config, length: int) -> int:
+    """The number of rounded operations that feed one logit of a LLaDA forward over `length` positions: per layer
+    the q/k/v and output products (2 × hidden), the attention sums (`length`) and the MLP (hidden + intermediate),
+    then the head (hidden). Used by `kernel_tolerance`."""
+    per_layer = 3 * config.hidden_size + config.intermediate_size + length
+    return config.num_hidden_layers * per_layer + config.hidden_size
+
+
+def kernel_tolerance(expected: torch.Tensor, terms: int, dtype: torch.dtype | None = None) -> float:
+    """How far two correct computations of `expected` may drift apart on different CPU kernels.
+
+    Kernels (other CPUs, or `ATEN_CPU_CAPABILITY` / `ONEDNN_MAX_CPU_ISA`) add the same products in other orders and
+    widths, with or without fused multiply-adds. A result built from `terms` rounded operations differs by at most
+    about terms · eps · scale (the classic bound for a sum of n rounded terms, n · eps · Σ|x|), with eps the machine
+    epsilon of the dtype the arithmetic ran in and scale the largest |value| (at least 1, since hidden activations
+    are normalised to that size). A real error (a wrong rotary angle, a missing mask) moves logits by 1e-2 or more,
+    far above this for float32.
+    """
+    eps = torch.finfo(dtype or expected.dtype).eps
+    return terms * eps * max(float(expected.detach().abs().max()), 1.0)
+
+
+def assert_close_across_kernels(actual: torch.Tensor, expected: torch.Tensor, terms: int) -> None:
+    """`actual` equals `expected` up to `kernel_tolerance` (shapes must match exactly)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    tolerance = kernel_tolerance(expected, terms, actual.dtype)
+    error = float((actual.double() - expected.double()).abs().max())
+    assert error <= tolerance, f"max |difference| {error:.3g} > {tolerance:.3g} (from eps, {terms} terms and scale)"

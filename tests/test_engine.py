@@ -8,6 +8,9 @@ from helpers import MASK_ID, left_padded_batch, tiny_model
 from llada_hf.generation_llada import DiffusionDecodingState, DiffusionEngine
 
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by the test command (pyproject.toml)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(seed=3)

@@ -10,7 +10,14 @@ import textwrap
 
 import pytest
 import torch
-from helpers import official_config, official_state_dict, tiny_model, write_official_checkpoint
+from helpers import (
+    assert_close_across_kernels,
+    forward_terms,
+    official_config,
+    official_state_dict,
+    tiny_model,
+    write_official_checkpoint,
+)
 from llada_reference import reference_logits
 from safetensors.torch import load_file
 
@@ -20,6 +27,9 @@ from llada_hf.configuration_llada import BUNDLE_AUTO_MAP
 from llada_hf.export import export_official
 from llada_hf.export import official as official_module
 from llada_hf.modeling_llada import BUNDLE_FILES
+
+
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by the test command (pyproject.toml)
 
 
 IDS = torch.tensor([[5, 17, 95, 95, 40, 95], [2, 8, 95, 33, 95, 95]])
@@ -70,7 +80,37 @@ def test_export_gives_identical_logits_through_our_loader_and_the_official_archi
     assert torch.equal(logits(LladaForMaskedDiffusion.from_pretrained(folder).eval()), expected)
     config, state = exported_files(folder)
     assert ("model.transformer.ff_out.weight" in state) != bool(overrides)  # the head is absent when tied
-    torch.testing.assert_close(reference_logits(state, config, IDS), expected, atol=1e-5, rtol=1e-5)
+    terms = forward_terms(model.config, IDS.shape[1])
+    assert_close_across_kernels(reference_logits(state, config, IDS), expected, terms)
+
+
+def _model_from(source: str, tmp_path):
+    """The model a user exports: fresh, reloaded from a `save_pretrained` folder, loaded from an official
+    checkpoint, LoRA-merged, or with a tied head (reloaded from its folder)."""
+    if source == "official":
+        write_official_checkpoint(tmp_path / "official")
+        return LladaForMaskedDiffusion.from_pretrained(tmp_path / "official").eval()
+    if source == "lora-merged":
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+        return peft_model.merge_and_unload().eval()
+    model = tiny_model(tie_word_embeddings=source == "tied-saved")
+    if source == "fresh":
+        return model
+    model.save_pretrained(tmp_path / "saved")  # the everyday path: fine-tune, save, export the folder
+    return LladaForMaskedDiffusion.from_pretrained(tmp_path / "saved").eval()
+
+
+@pytest.mark.parametrize("source", ["fresh", "saved", "official", "lora-merged", "tied-saved"])
+def test_export_writes_official_names_from_every_source(tmp_path, source):
+    model = _model_from(source, tmp_path)
+    config, state = exported_files(export_official(model, tmp_path / "exported"))
+    official_names = set(official_state_dict(official_config("illada" if source == "tied-saved" else "llada")))
+    assert set(state) == official_names  # what the official `LLaDAModelLM` loads, nothing else
+    expected = logits(model)
+    assert_close_across_kernels(reference_logits(state, config, IDS), expected,
+                                forward_terms(model.config, IDS.shape[1]))
 
 
 def test_bf16_model_keeps_its_dtype(tmp_path):

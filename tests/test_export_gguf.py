@@ -16,6 +16,9 @@ from llada_hf.export.gguf import interleave_rotary_halves
 from llada_hf.modeling_llada import apply_rotary_pos_emb
 
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by the test command (pyproject.toml)
+
+
 # What llama.cpp (ggml-org/llama.cpp) expects of a LLaDA GGUF, from its source:
 # - the architecture string and tensor list: gguf-py's constants, MODEL_ARCH.LLADA ("llada");
 # - the tensor shapes, in ggml's order (fastest-varying dimension first): src/models/llada.cpp, load_arch_tensors

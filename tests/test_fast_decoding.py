@@ -7,6 +7,9 @@ from helpers import MASK_ID, left_padded_batch, tiny_model
 from llada_hf.generation_llada import DiffusionCache
 
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by the test command (pyproject.toml)
+
+
 ROWS = [[5, 9, 12, 40, 41, 42, 43], [7, 8], [30, 31, 32, 33]]
 
 

@@ -19,6 +19,9 @@ from llada_hf.generation_llada import (
 )
 
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by the test command (pyproject.toml)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(seed=3)

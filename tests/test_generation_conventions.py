@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import EOS_ID, EOT_ID, MASK_ID, PAD_ID, left_padded_batch, tiny_model
+from helpers import EMBEDDING_ROWS, EOS_ID, EOT_ID, MASK_ID, PAD_ID, left_padded_batch, tiny_model
 from llada_reference import reference_generate
 
 from transformers import GenerationConfig
@@ -18,6 +18,9 @@ from llada_hf.generation_llada import (
     REFUSED_FIELDS,
     DiffusionGenerationConfig,
 )
+
+
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by the test command (pyproject.toml)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,6 @@ def test_low_precision_generate_equals_the_official_sampler(dtype):
     """Scores are the softmax in the logits' dtype and ties go as `torch.topk` breaks them over the row."""
     model = tiny_model(seed=7).to(dtype)
     model_fn = lambda ids, mask: model(ids, attention_mask=mask).logits  # noqa: E731
-    same_as_float64_scores, prompts = 0, 0
     for seed in range(12):
         rows = [_prompts(seed=seed, length=4 + seed % 5)[0].tolist(), _prompts(seed=seed + 50, length=3)[0].tolist()]
         ids, mask = left_padded_batch(rows)
@@ -47,24 +49,57 @@ def test_low_precision_generate_equals_the_official_sampler(dtype):
             ours = model.generate(ids, attention_mask=mask, max_new_tokens=16, **settings)
             ref = reference_generate(model_fn, ids, attention_mask=mask, gen_length=16, mask_id=MASK_ID, **settings)
             assert torch.equal(ours, ref), (seed, block_length)
-            precise = model.generate(ids, attention_mask=mask, max_new_tokens=16, score_dtype="float64", **settings)
-            same_as_float64_scores += int(torch.equal(precise, ref))
-            prompts += 1
-    # The comparison has teeth: with float64 scores (the old behaviour) low-precision ties go elsewhere.
-    assert same_as_float64_scores < prompts
 
 
-def test_ties_are_broken_as_torch_topk_with_each_rows_own_k():
-    """topk(k) does not pick the tied positions that topk(k') picks for k' > k: each row gets its own k."""
-    from llada_hf.decoding_llada import _top_k_per_row
+# Two float16 logits one ulp apart whose softmax probabilities (one such logit, 103 zeros) round to the same float16
+# value, each exact probability 0.42 of a float16 spacing inside the rounding interval (far beyond any float32
+# rounding inside a softmax kernel), while float64 orders them.
+NEAR_TIE_LOW, NEAR_TIE_HIGH = 0.06488037109375, 0.06500244140625
 
-    scores = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.5, 0.25], [0.5, 0.5, 0.5, 0.5, 0.5, 0.25]], dtype=torch.bfloat16)
-    k = torch.tensor([1, 3])
-    chosen = _top_k_per_row(scores, k, torch.ones_like(scores, dtype=torch.bool), offset=2, length=8)
-    padded = torch.cat([torch.full((2, 2), float("-inf")), scores.float()], 1).to(torch.bfloat16)
-    for row in range(2):
-        expected = set((padded[row].topk(int(k[row])).indices - 2).tolist())
-        assert set(chosen[row].nonzero().squeeze(1).tolist()) == expected
+
+def _near_tie_logits(ids: torch.Tensor, prompt_length: int, leaders: tuple[int, int]) -> torch.Tensor:
+    """Crafted float16 logits: answer position i (0..3) predicts one token with the logit HIGH if i is one of the
+    `leaders`, else LOW, so in float16 all four confidences tie and in float64 the leaders lead; the token depends
+    on what is already committed, so committing other positions first changes the answer."""
+    logits = torch.zeros(*ids.shape, EMBEDDING_ROWS, dtype=torch.float16)
+    committed = int(ids[0, prompt_length:][ids[0, prompt_length:] != MASK_ID].sum())
+    for i in range(ids.shape[1] - prompt_length):
+        value = NEAR_TIE_HIGH if i in leaders else NEAR_TIE_LOW
+        logits[0, prompt_length + i, 10 + (i + committed) % 40] = value
+    return logits
+
+
+def test_low_precision_ties_follow_the_official_rule_not_float64_scores():
+    """The check above has teeth by construction: on crafted near-ties, float64 scores commit other positions first
+    and give another answer; `generate` follows the official float16 arithmetic."""
+    import torch.nn.functional as F
+
+    from transformers.modeling_outputs import MaskedLMOutput
+
+    row = torch.zeros(EMBEDDING_ROWS, dtype=torch.float16)
+    low, high = row.clone(), row.clone()
+    low[10], high[10] = NEAR_TIE_LOW, NEAR_TIE_HIGH
+    assert F.softmax(low, -1)[10] == F.softmax(high, -1)[10]  # the premise: a float16 tie ...
+    assert F.softmax(low.double(), -1)[10] < F.softmax(high.double(), -1)[10]  # ... that float64 breaks
+
+    prompt, settings = torch.tensor([[5, 6, 7]]), dict(steps=2, block_length=4)
+    model = tiny_model(seed=7).to(torch.float16)
+    same_as_float64 = []
+    for leaders in ((1, 2), (0, 3)):
+        def crafted_forward(input_ids=None, logits_to_keep=None, **kwargs):
+            logits = _near_tie_logits(input_ids, prompt.shape[1], leaders)
+            return MaskedLMOutput(logits=logits if logits_to_keep is None else logits[:, logits_to_keep])
+
+        model.forward = crafted_forward
+        ours = model.generate(prompt, max_new_tokens=4, **settings)
+        ref = reference_generate(lambda ids, mask: _near_tie_logits(ids, 3, leaders), prompt, gen_length=4,
+                                 mask_id=MASK_ID, **settings)
+        assert torch.equal(ours, ref), leaders
+        same_as_float64.append(torch.equal(model.generate(prompt, max_new_tokens=4, score_dtype="float64",
+                                                          **settings), ref))
+    # float16 sees the same four-way tie in both cases and torch.topk picks the same two positions both times;
+    # float64 picks (1, 2), then (0, 3): it must disagree with float16 at least once
+    assert not all(same_as_float64)
 
 
 # ---- 2. every inherited GenerationConfig field is honoured or refused ----------------------------

@@ -21,6 +21,9 @@ from test_llada_v import _chat_inputs, _image, _official_ids
 from transformers import AutoModel
 
 
+pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by the test command (pyproject.toml)
+
+
 OFFICIAL_SUPPRESSIONS = [EOS_ID, BOS_ID, START_HEADER_ID, END_HEADER_ID]  # the official ids, in the tiny vocabulary
 
 

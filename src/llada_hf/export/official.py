@@ -1,7 +1,7 @@
 """Export to the official GSAI-ML LLaDA layout (docs/LLADA.md section 1), for tools built on the official code.
 
-The weights get the official names by transformers' own reversal of the checkpoint conversion mapping that
-loads official checkpoints (`OFFICIAL_CHECKPOINT_RENAMES`, run backwards: one table, both directions). The
+The weights get the official names from the checkpoint conversion mapping that loads official checkpoints
+(`OFFICIAL_CHECKPOINT_RENAMES`, inverted here: one table, both directions). The
 config gets the official OLMo-style keys, `architectures: ["LLaDAModelLM"]`, and an `auto_map` that points at the
 official modeling code on the Hub, so the folder runs where only transformers 4.x and the official code are
 available; llama.cpp's `convert_hf_to_gguf.py` reads it as it reads GSAI-ML's own checkpoints.
@@ -9,12 +9,13 @@ available; llama.cpp's `convert_hf_to_gguf.py` reads it as it reads GSAI-ML's ow
 
 import copy
 import json
+import re
 from pathlib import Path
 
-from transformers import PreTrainedModel
+from huggingface_hub import save_torch_state_dict
 
 from ..configuration_llada import BUNDLE_AUTO_MAP, OFFICIAL_KEY_RENAMES
-from ..modeling_llada import copy_bundle_files
+from ..modeling_llada import OFFICIAL_CHECKPOINT_RENAMES, copy_bundle_files
 from ..tokenization import set_mask_token
 from .common import check_exportable, written_at_once
 
@@ -140,17 +141,52 @@ def export_official(
     check_exportable(model)
     output_dir = Path(output_dir)
     with written_at_once(output_dir, overwrite=overwrite, folder=True) as staging:
-        # PreTrainedModel's own save (not our subclass's, which pins our names and copies the bundle): with
-        # save_original_format=True transformers runs the registered "llada" conversion mapping backwards.
-        PreTrainedModel.save_pretrained(model, staging, save_original_format=True)
+        staging.mkdir(parents=True, exist_ok=True)
+        save_torch_state_dict(official_state_dict(model), staging, max_shard_size="5GB")
         torch_dtype = str(model.dtype).removeprefix("torch.")
         config = official_config(model.config, torch_dtype=torch_dtype, ship_bundle=ship_bundle, code_repo=code_repo)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        model.generation_config.save_pretrained(staging)
         if ship_bundle:
             copy_bundle_files(staging)
         if tokenizer is not None:
             save_tokenizer_with_mask(tokenizer, model.config.mask_token_id, staging)
     return output_dir
+
+
+def _inverted_renames() -> list[tuple[re.Pattern, str]]:
+    """`OFFICIAL_CHECKPOINT_RENAMES` (official name -> ours) as (our-name pattern, official replacement) pairs."""
+    inverted = []
+    for renaming in OFFICIAL_CHECKPOINT_RENAMES:
+        [official], [ours] = renaming.source_patterns, renaming.target_patterns
+        pattern = re.escape(ours).replace(re.escape(r"\1"), r"(\d+)")
+        inverted.append((re.compile("^" + pattern), official.replace(r"(\d+)", r"\1").replace("\\.", ".")))
+    return inverted
+
+
+def official_name(name: str) -> str:
+    """The official GSAI-ML name of one of our parameter names.
+
+    Example:
+        ```python
+        >>> from llada_hf.export.official import official_name
+        >>> official_name("model.layers.3.self_attn.o_proj.weight"), official_name("lm_head.weight")
+        ('model.transformer.blocks.3.attn_out.weight', 'model.transformer.ff_out.weight')
+        ```
+    """
+    for pattern, replacement in _inverted_renames():
+        if pattern.match(name):
+            return pattern.sub(replacement, name, count=1)
+    raise ValueError(f"`{name}` has no official LLaDA name; only the text model's weights can be exported.")
+
+
+def official_state_dict(model) -> dict:
+    """The model's weights under the official names, whatever the model was loaded from (a fresh model, a llada-hf
+    folder, an official checkpoint, a merged LoRA). A tied head is left out: the official layout has no
+    `ff_out` when `weight_tying` is set."""
+    tied = model.config.tie_word_embeddings
+    return {official_name(name): tensor.detach().contiguous() for name, tensor in model.state_dict().items()
+            if not (tied and name == "lm_head.weight")}
 
 
 def save_tokenizer_with_mask(tokenizer, mask_token_id: int, folder: Path) -> None:
