@@ -51,6 +51,44 @@ def test_low_precision_generate_equals_the_official_sampler(dtype):
             assert torch.equal(ours, ref), (seed, block_length)
 
 
+@pytest.mark.parametrize("logits_eos_inf", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_confidence_eos_eot_inf_equals_the_official_rule(dtype, logits_eos_inf):
+    """The official rule at T = 0: EOS and EoT logits are -inf in the confidence softmax (the others renormalised),
+    so EOS/EoT candidates score 0. 80 left-padded rows per setting, with EOS and EoT often the likeliest token."""
+    model = tiny_model(seed=11)
+    with torch.no_grad():  # make EOS and EoT strong candidates, so the rule decides many commits
+        model.lm_head.weight[[EOS_ID, EOT_ID]] *= 4
+    model = model.to(dtype)
+    model_fn = lambda ids, mask: model(ids, attention_mask=mask).logits  # noqa: E731
+    settings = dict(steps=12, block_length=6, confidence_eos_eot_inf=True, logits_eos_inf=logits_eos_inf)
+    ends_committed = 0
+    for seed in range(10):
+        rows = [_prompts(seed=100 * seed + i, length=2 + (seed + i) % 6)[0].tolist() for i in range(8)]
+        ids, mask = left_padded_batch(rows)
+        ours = model.generate(ids, attention_mask=mask, max_new_tokens=12, eot_token_id=EOT_ID, **settings)
+        ref = reference_generate(model_fn, ids, attention_mask=mask, gen_length=12, mask_id=MASK_ID, eos_id=EOS_ID,
+                                 eot_id=EOT_ID, **settings)
+        assert torch.equal(ours, ref), seed
+        ends_committed += int(torch.isin(ours[:, -12:], torch.tensor([EOS_ID, EOT_ID])).sum())
+    assert ends_committed > 0  # the rule was exercised
+
+
+def test_official_folders_get_their_token_ids_from_the_model_config(tmp_path):
+    """An official folder's generation_config.json names no mask id (nor EoT): the model config fills them, and
+    LLaDA's vocabulary (mask 126336) ends a turn with 126348."""
+    from helpers import write_official_checkpoint
+
+    from llada_hf import LladaConfig, LladaForMaskedDiffusion
+
+    write_official_checkpoint(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"bos_token_id": 2, "eos_token_id": 1}')
+    model = LladaForMaskedDiffusion.from_pretrained(tmp_path)
+    assert (model.generation_config.mask_token_id, model.generation_config.eos_token_id) == (MASK_ID, EOS_ID)
+    official = DiffusionGenerationConfig.from_model_config(LladaConfig())  # the official ids by default
+    assert (official.mask_token_id, official.eot_token_id) == (126336, 126348)
+
+
 # Two float16 logits one ulp apart whose softmax probabilities (one such logit, 103 zeros) round to the same float16
 # value, each exact probability 0.42 of a float16 spacing inside the rounding interval (far beyond any float32
 # rounding inside a softmax kernel), while float64 orders them.

@@ -97,8 +97,11 @@ def reference_generate(model_fn, prompt, attention_mask=None, steps=128, gen_len
                        logits_eos_inf=False, confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348):
     """The official LLaDA `generate`, written from docs/LLADA.md. `model_fn(ids, attention_mask) -> logits`.
 
-    `confidence_eos_eot_inf` has its intended meaning: EOS and EoT candidates get the lowest confidence of
-    all eligible positions (still above the ineligible ones), for both temperature regimes.
+    `confidence_eos_eot_inf` as the official code runs it at T = 0: after the candidates are drawn, the EOS and EoT
+    logits become -inf, so the confidence softmax is renormalised without them and EOS/EoT candidates get 0. The
+    official chained assignment leaves EOS in the softmax at T > 0 (its noisy logits are then a copy); here both
+    are removed at every temperature (the intended meaning), and with "random" remasking EOS/EoT candidates get
+    the lowest finite score.
     """
     B, P = prompt.shape
     x = torch.full((B, P + gen_length), mask_id, dtype=torch.long)
@@ -128,6 +131,9 @@ def reference_generate(model_fn, prompt, attention_mask=None, steps=128, gen_len
             if logits_eos_inf:
                 logits[:, :, eos_id] = -torch.inf
             x0 = torch.argmax(_official_gumbel(logits, temperature), dim=-1)
+            if confidence_eos_eot_inf:
+                logits = logits.clone()
+                logits[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
             if remasking == "low_confidence":
                 p = F.softmax(logits, dim=-1)
                 x0_p = torch.gather(p, dim=-1, index=x0[..., None]).squeeze(-1)
@@ -135,7 +141,7 @@ def reference_generate(model_fn, prompt, attention_mask=None, steps=128, gen_len
                 x0_p = torch.rand(x0.shape, dtype=torch.float64)
             else:
                 raise NotImplementedError(remasking)
-            if confidence_eos_eot_inf:
+            if confidence_eos_eot_inf and remasking == "random":
                 x0_p = x0_p.masked_fill((x0 == eos_id) | (x0 == eot_id), torch.finfo(x0_p.dtype).min)
             x0_p[:, block_end:] = -torch.inf
             x0 = torch.where(mask_index, x0, x)

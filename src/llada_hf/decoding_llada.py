@@ -764,12 +764,20 @@ class DiffusionDecodingState:
         config = self.config
         if config.score_dtype is not None:
             logits = logits.to(getattr(torch, config.score_dtype))
-        scores = self.strategy.score(logits, candidates, self.generator)
         if config.confidence_eos_eot_inf:
             ends = _token_ids(config.eos_token_id) + _token_ids(config.eot_token_id)
-            # Lowest priority, yet still eligible: they are committed only when nothing else is left.
-            scores = scores.masked_fill(torch.isin(candidates, _id_tensor(ends, candidates.device)),
+            # The official rule: the EOS and EoT logits are -inf in the scores' softmax (after the candidates
+            # were drawn), so the other candidates' probabilities are renormalised without them ...
+            logits = logits.clone()
+            _forbid(logits, ends)
+            scores = self.strategy.score(logits, candidates, self.generator)
+            # ... and EOS/EoT candidates come last, yet stay eligible, for every strategy (the official rule gives
+            # them probability 0, the lowest low-confidence score).
+            ended = torch.isin(candidates, _id_tensor(ends, candidates.device))
+            scores = scores.masked_fill(ended, 0.0 if self.strategy.name == "low_confidence" else
                                         torch.finfo(scores.dtype).min)
+        else:
+            scores = self.strategy.score(logits, candidates, self.generator)
         return scores.masked_fill(~eligible, float("-inf"))
 
     # ---- step 8: finishing rows ----------------------------------------------------------------

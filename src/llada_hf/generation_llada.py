@@ -303,8 +303,7 @@ class DiffusionGenerationConfig(GenerationConfig):
         else:
             text_config = model_config.get_text_config()
         config_dict = text_config if isinstance(text_config, dict) else text_config.to_dict()
-        ids = ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
-        return cls(**{key: config_dict[key] for key in ids if config_dict.get(key) is not None})
+        return cls(**_token_ids_of(config_dict))
 
     def validate(self, strict: bool = False, user_set_attributes=None) -> None:
         """Reject values the sampler cannot run with; each message names the field to change."""
@@ -333,6 +332,21 @@ class DiffusionGenerationConfig(GenerationConfig):
 # --------------------------------------------------------------------------------------------------
 # generate() and infill()
 # --------------------------------------------------------------------------------------------------
+
+
+# LLaDA's tokenizer (mask id 126336) ends a turn with `<|eot_id|>`, id 126348; official config.json files do not
+# name it, and `confidence_eos_eot_inf` and the chat stop need it.
+LLADA_MASK_TOKEN_ID, LLADA_EOT_TOKEN_ID = 126336, 126348
+
+
+def _token_ids_of(config_dict: dict) -> dict:
+    """The token ids a generation config takes from a model config dict (mask, EOS, pad, BOS, and end of turn:
+    the model config's `eot_token_id`, or LLaDA's own when the mask id is LLaDA's)."""
+    ids = {key: config_dict[key] for key in ("mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id",
+                                             "eot_token_id") if config_dict.get(key) is not None}
+    if "eot_token_id" not in ids and ids.get("mask_token_id") == LLADA_MASK_TOKEN_ID:
+        ids["eot_token_id"] = LLADA_EOT_TOKEN_ID
+    return ids
 
 
 def _with_transformers_conventions(config: DiffusionGenerationConfig, kwargs: dict) -> dict:
@@ -377,6 +391,12 @@ class DiffusionGenerationMixin:
             )
         except OSError:  # no generation_config.json: the defaults, with the token ids of the model config
             self.generation_config = DiffusionGenerationConfig.from_model_config(self.config)
+            return
+        # Official folders ship a generation_config.json without the mask (and end-of-turn) id: the model config
+        # fills what the file leaves unset.
+        for key, value in _token_ids_of(self.config.get_text_config().to_dict()).items():
+            if getattr(self.generation_config, key, None) is None:
+                setattr(self.generation_config, key, value)
 
     @torch.no_grad()
     def generate(
