@@ -55,7 +55,7 @@ def test_every_invented_word_is_one_token(small_data):
     for word in (w for pair in pairs for w in pair):
         assert len(tokenizer(f" {word}", add_special_tokens=False).input_ids) == 1
         assert f"What precedes {word}?" == reverse_question(word)
-    assert answer_token_budget(tokenizer, pairs) == 2  # the word and the end of turn
+    assert answer_token_budget(tokenizer, pairs) == 3  # the word, the end of turn and the EOS TRL appends
 
 
 def test_traced_pair_is_a_right_reverse_answer():

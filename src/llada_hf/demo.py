@@ -312,8 +312,12 @@ def train_both(rows, tokenizer, settings: DemoSettings, scratch_dir: str, seed: 
 
 
 def answer_token_budget(tokenizer, pairs) -> int:
-    """Enough new tokens for the longest answer (a space and the word, as trained) plus its end-of-turn token."""
-    return max(len(tokenizer(f" {word}", add_special_tokens=False).input_ids) for pair in pairs for word in pair) + 1
+    """The trained answer's length: the longest word (a space and the word, as trained), its end-of-turn token and
+    the EOS that TRL appends to every completion. The diffusion model fills a canvas of exactly this many masks; a
+    shorter one is an answer shape it never saw (with one position too few it put the end of turn where the word
+    belongs on some seeds and CPUs: the empty answers of earlier runs)."""
+    word = max(len(tokenizer(f" {word}", add_special_tokens=False).input_ids) for pair in pairs for word in pair)
+    return word + 2
 
 
 def clean_answer(text: str) -> str:

@@ -190,7 +190,41 @@ def official_state_dict(model) -> dict:
 
 
 def save_tokenizer_with_mask(tokenizer, mask_token_id: int, folder: Path) -> None:
-    """Save a copy of `tokenizer` with its mask token named (official LLaDA tokenizers leave it unset)."""
+    """Save a copy of `tokenizer` with its mask token named (official LLaDA tokenizers leave it unset), in a
+    `tokenizer_config.json` that transformers 4.x reads as well as 5.x (`portable_tokenizer_config`)."""
     tokenizer = copy.deepcopy(tokenizer)
     set_mask_token(tokenizer, mask_token_id)
     tokenizer.save_pretrained(folder)
+    config_file, template_file = Path(folder) / "tokenizer_config.json", Path(folder) / "chat_template.jinja"
+    template = template_file.read_text() if template_file.exists() else None
+    config = portable_tokenizer_config(json.loads(config_file.read_text()), template)
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def portable_tokenizer_config(config: dict, chat_template: str | None = None) -> dict:
+    """A transformers 5 `tokenizer_config.json` rewritten so that 4.x tools (the official `generate.py`, llama.cpp's
+    converter, lm-eval on 4.x) load it too: the fast tokenizer class by its 4.x name, the extra special tokens as
+    `additional_special_tokens`, and the chat template inside the config (4.x before 4.50 reads it only there; 5.x
+    reads it from either place).
+
+    Example:
+        ```python
+        >>> from llada_hf.export.official import portable_tokenizer_config
+        >>> config = portable_tokenizer_config({"tokenizer_class": "TokenizersBackend", "backend": "tokenizers",
+        ...                                     "extra_special_tokens": ["<|eot_id|>"]}, "{{ bos_token }}")
+        >>> config["tokenizer_class"], config["additional_special_tokens"], config["chat_template"]
+        ('PreTrainedTokenizerFast', ['<|eot_id|>'], '{{ bos_token }}')
+        ```
+    """
+    config = dict(config)
+    config.pop("backend", None)
+    if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, dict):  # named extra tokens (a 5.x form): 4.x knows them only as additional tokens
+        extra = list(extra.values())
+    if extra:
+        config["additional_special_tokens"] = list(extra)
+    if chat_template is not None:
+        config.setdefault("chat_template", chat_template)
+    return config
