@@ -349,12 +349,17 @@ def test_text_generation_pipeline(tokenizer_and_model):
 
     tokenizer, model = tokenizer_and_model
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    # transformers' text-generation pipeline samples unless told otherwise (`do_sample=True` is its default)
-    result = generator("the dog sat", max_new_tokens=6, steps=6, return_full_text=False, do_sample=False)
     ids = tokenizer("the dog sat", return_tensors="pt").input_ids
     expected = tokenizer.decode(model.generate(ids, max_new_tokens=6, steps=6)[0, ids.shape[1]:],
                                 skip_special_tokens=True)
-    assert result[0]["generated_text"] == expected
+    # The pipeline samples (T 0.7) unless the model's generation config says `do_sample: false`, which ours saves:
+    # its default is greedy, as the model's own
+    assert model.generation_config.to_diff_dict()["do_sample"] is False
+    for _ in range(3):
+        result = generator("the dog sat", max_new_tokens=6, steps=6, return_full_text=False)
+        assert result[0]["generated_text"] == expected
+    sampled = generator("the dog sat", max_new_tokens=6, steps=6, return_full_text=False, do_sample=True)
+    assert isinstance(sampled[0]["generated_text"], str)  # and it still samples when asked
 
 
 # ---- generation config ----------------------------------------------------------------------------

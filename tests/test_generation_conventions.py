@@ -324,6 +324,17 @@ def test_a_dict_generation_config_and_python_lists_are_accepted(model):
         model.generate(prompt, generation_config=42)
 
 
+def test_unknown_keys_in_a_dict_config_are_refused_and_a_plain_generation_config_is_accepted(model):
+    prompt = _prompts(length=3)
+    with pytest.raises(TypeError, match=r"`generation_config` has keys that generate\(\) does not know: \['step'\]"):
+        model.generate(prompt, generation_config={"step": 2})
+    expected = model.generate(prompt, max_new_tokens=4, steps=4)
+    plain = GenerationConfig(max_new_tokens=4, steps=4)  # transformers' class, as a user of transformers passes it
+    assert torch.equal(model.generate(prompt, generation_config=plain), expected)
+    with pytest.raises(ValueError, match="num_beams"):  # what it sets is checked as keywords are
+        model.generate(prompt, generation_config=GenerationConfig(num_beams=4))
+
+
 def test_options_table_builds_the_config():
     config = DiffusionGenerationConfig()
     for option in DIFFUSION_OPTIONS:
@@ -360,3 +371,30 @@ def test_every_diffusion_setting_with_a_cli_type_is_a_cli_flag():
         value = {int: ["3"], float: ["0.5"], str: [(option.choices or ("x",))[0]], bool: []}[option.cli_type]
         args = parser.parse_args([flag, *value])
         assert option.name in generation_kwargs(args), option.name
+
+
+# ---- non-finite logits stop the run ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("break_it", ["nan_weights", "nan_embeds", "nan_processor", "whole_vocabulary_suppressed"])
+def test_non_finite_logits_stop_with_an_error_naming_the_step(break_it):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, prompt, kwargs = tiny_model(seed=2), _prompts(seed=1), dict(max_new_tokens=4, steps=4)
+    if break_it == "nan_weights":
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    elif break_it == "nan_embeds":
+        embeds = model.get_input_embeddings()(prompt)
+        embeds[0, 1, 3] = float("nan")
+        prompt, kwargs = None, dict(kwargs, inputs_embeds=embeds)
+    elif break_it == "nan_processor":
+        class NaNProcessor(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                return scores * float("nan")
+
+        kwargs["logits_processor"] = LogitsProcessorList([NaNProcessor()])
+    else:
+        kwargs["suppress_tokens"] = list(range(EMBEDDING_ROWS))
+    with pytest.raises(ValueError, match=r"Decoding step 0: the logits are not finite"):
+        model.generate(prompt, **kwargs) if prompt is not None else model.generate(**kwargs)

@@ -476,6 +476,22 @@ def _leading_run(passes: torch.Tensor) -> torch.LongTensor:
     return passes.long().cumprod(1).sum(1)
 
 
+def _check_finite(logits: torch.Tensor, candidates: torch.LongTensor, scores: torch.Tensor, eligible: torch.Tensor,
+                  step: int) -> None:
+    """Stop before committing anything when a masked position has no finite candidate or score: NaN would
+    otherwise turn into arbitrary tokens (id 0, or the mask id) without a word."""
+    chosen_logits = logits.gather(-1, candidates[..., None]).squeeze(-1)
+    broken = eligible & ~(torch.isfinite(chosen_logits) & ~torch.isnan(scores))
+    if bool(broken.any()):
+        row, position = (int(i) for i in broken.nonzero()[0])
+        raise ValueError(
+            f"Decoding step {step}: the logits are not finite at {int(broken.sum())} masked position(s) (first: "
+            f"row {row}, window position {position}), so no token can be chosen. Likely causes: NaN or inf in the "
+            "model's weights, `inputs_embeds` or `pixel_values`; a logits processor that returns NaN; "
+            "`suppress_tokens` that cover the whole vocabulary; a float16 overflow (try bfloat16 or float32)."
+        )
+
+
 def _top_k_per_row(scores: torch.Tensor, k: torch.LongTensor, eligible: torch.Tensor, offset: int,
                    length: int) -> torch.Tensor:
     """Boolean [R, W]: the k[r] highest scores of each row among its eligible positions.
@@ -639,6 +655,7 @@ class DiffusionDecodingState:
         # 6. Scores: only masked positions of the window are eligible
         eligible = self.x[rows, window_start : block.end] == self.mask_id
         scores = self._scores(logits, candidates, eligible)
+        _check_finite(logits, candidates, scores, eligible, self.steps_taken)
         # 7. Commit the scheduled number of best candidates per row (more with parallel decoding)
         count = _parallel_count(scores, self.schedule[rows, self.block_step], self.config, logits)
         chosen = _top_k_per_row(scores, count, eligible, window_start, self.x.shape[1])
@@ -651,7 +668,7 @@ class DiffusionDecodingState:
         if self.config.output_history:
             self.history.append(self.visible(self.x).clone())
         if self.streamer is not None and hasattr(self.streamer, "put_draft"):
-            self.streamer.put_draft(value=self.x[:, self.answer_start :].cpu())
+            self.streamer.put_draft(value=self.x[:, block.start :].cpu())  # the canvas: what `put` has not had
         finished = self._finished_rows() & self.active
         self._fill_with_eos(finished)
         self.active &= ~finished

@@ -16,6 +16,7 @@ step engine (`DiffusionDecodingState`, `DiffusionEngine`) — lives in the sibli
 public names are re-exported here.
 """
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -292,6 +293,9 @@ class DiffusionGenerationConfig(GenerationConfig):
             setattr(self, option.name, kwargs.pop(option.name, option.default))
         kwargs.setdefault("max_new_tokens", 128)
         kwargs.setdefault("temperature", 0.0)
+        # Explicit, so that it is saved: transformers' text-generation pipeline samples (T 0.7) unless the model's
+        # generation config says otherwise, and LLaDA's default is greedy.
+        kwargs.setdefault("do_sample", bool(kwargs["temperature"]))
         super().__init__(**kwargs)
 
     @classmethod
@@ -360,12 +364,27 @@ def _with_transformers_conventions(config: DiffusionGenerationConfig, kwargs: di
         else:
             warnings.warn("Both `max_new_tokens` and `max_length` were given; `max_new_tokens` decides the "
                           "answer length (as in transformers).", UserWarning, stacklevel=5)
+    if "do_sample" not in kwargs and (kwargs.get("temperature") or 0) > 0:
+        kwargs["do_sample"] = True  # LLaDA's convention: a temperature > 0 samples
     if kwargs.get("do_sample") is True and "temperature" not in kwargs and not config.temperature:
         kwargs["temperature"] = 1.0  # transformers' default sampling temperature
     if kwargs.get("do_sample") is False and (kwargs.get("temperature") or 0) > 0:
         warnings.warn(f"`do_sample=False`: greedy decoding; `temperature={kwargs['temperature']}` is used only "
                       "when sampling. Set `do_sample=True` or drop `temperature`.", UserWarning, stacklevel=5)
     return kwargs
+
+
+def _over_model_settings(model_config: DiffusionGenerationConfig, settings) -> DiffusionGenerationConfig:
+    """The model's settings with the values a dict or a plain `GenerationConfig` sets (for a GenerationConfig: the
+    fields that differ from transformers' defaults, as transformers merges it); unknown keys are refused."""
+    if isinstance(settings, GenerationConfig):
+        settings = {key: value for key, value in settings.to_diff_dict().items() if key != "transformers_version"}
+    config = copy.deepcopy(model_config)
+    unknown = config.update(**settings)
+    if unknown:
+        raise TypeError(f"`generation_config` has keys that generate() does not know: {sorted(unknown)}. Use the "
+                        "names of `DiffusionGenerationConfig` (e.g. `steps`, `block_length`, `remasking`).")
+    return config
 
 
 class DiffusionGenerationMixin:
@@ -449,7 +468,9 @@ class DiffusionGenerationMixin:
             input_ids: [B, P] prompt ids, left-padded for batches of different lengths (a list of lists of
                 ids is left-padded for you).
             attention_mask: [B, P], 1 for tokens and 0 for (left) padding.
-            generation_config: settings to use instead of the model's own (a config or a dict).
+            generation_config: a `DiffusionGenerationConfig` to use instead of the model's own; a dict or a plain
+                `transformers.GenerationConfig` sets the values it names over the model's own (unknown keys are
+                refused, as unknown keywords are).
             logits_processor: applied to every masked position's logits at every step.
             stopping_criteria: called after every step with the current sequences (masks included);
                 rows it marks as done are finished as by early exit.
@@ -571,10 +592,10 @@ class DiffusionGenerationMixin:
     def _diffusion_config(self, generation_config, kwargs: dict) -> DiffusionGenerationConfig:
         """The call's settings: the model's config (or `generation_config`) updated with `kwargs`, validated."""
         base = generation_config if generation_config is not None else self.generation_config
-        if isinstance(base, dict):
-            base = DiffusionGenerationConfig(**base)
-        if not isinstance(base, GenerationConfig):
+        if not isinstance(base, (GenerationConfig, dict)):
             raise TypeError(f"`generation_config` must be a GenerationConfig or a dict, got {type(base).__name__}.")
+        if not isinstance(base, DiffusionGenerationConfig):
+            base = _over_model_settings(self.generation_config, base)
         config = DiffusionGenerationConfig.from_dict(base.to_dict())
         if isinstance(getattr(base, "remasking", None), RemaskingStrategy):
             config.remasking = base.remasking
