@@ -376,7 +376,7 @@ def test_every_diffusion_setting_with_a_cli_type_is_a_cli_flag():
 # ---- non-finite logits stop the run ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("break_it", ["nan_weights", "nan_embeds", "nan_processor", "whole_vocabulary_suppressed"])
+@pytest.mark.parametrize("break_it", ["nan_weights", "nan_embeds", "nan_processor", "everything_forbidden"])
 def test_non_finite_logits_stop_with_an_error_naming_the_step(break_it):
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -394,7 +394,24 @@ def test_non_finite_logits_stop_with_an_error_naming_the_step(break_it):
                 return scores * float("nan")
 
         kwargs["logits_processor"] = LogitsProcessorList([NaNProcessor()])
-    else:
-        kwargs["suppress_tokens"] = list(range(EMBEDDING_ROWS))
+    else:  # refused up front now (test below); a processor that forbids every token reaches the step
+        class ForbidAll(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                return torch.full_like(scores, float("-inf"))
+
+        kwargs["logits_processor"] = LogitsProcessorList([ForbidAll()])
     with pytest.raises(ValueError, match=r"Decoding step 0: the logits are not finite"):
         model.generate(prompt, **kwargs) if prompt is not None else model.generate(**kwargs)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(suppress_tokens=[-1]), r"`suppress_tokens` must be a token id \(an int >= 0\)"),
+    (dict(eos_token_id=-7), r"`eos_token_id` must be a token id"),
+    (dict(eot_token_id=True), r"`eot_token_id` must be a token id"),
+    (dict(suppress_tokens=[5, 10_000]), r"`suppress_tokens` names id 10000, outside the model's vocabulary"),
+    (dict(mask_token_id=EMBEDDING_ROWS), r"`mask_token_id` names id 104, outside"),
+    (dict(suppress_tokens=list(range(EMBEDDING_ROWS))), r"covers all 104 tokens"),
+])
+def test_token_ids_are_checked_not_taken_at_face_value(model, settings, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(_prompts(length=3), max_new_tokens=4, **settings)

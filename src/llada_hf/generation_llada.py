@@ -94,12 +94,18 @@ def _boolean(value) -> str | None:
     return None if isinstance(value, bool) else "must be True or False"
 
 
+def _is_token_id(value) -> bool:
+    """A non-negative int (bool is not an id: `True` would silently mean token 1; a negative id would index from
+    the end of the vocabulary)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _token_id_or_ids(value) -> str | None:
-    if value is None or isinstance(value, int) and not isinstance(value, bool):
+    if value is None or _is_token_id(value):
         return None
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+    if isinstance(value, (list, tuple)) and all(_is_token_id(v) for v in value):
         return None
-    return "must be a token id or a list of token ids"
+    return "must be a token id (an int >= 0) or a list of token ids"
 
 
 def _one_of(*choices) -> Callable[[Any], str | None]:
@@ -322,6 +328,10 @@ class DiffusionGenerationConfig(GenerationConfig):
             value = getattr(self, name, None)
             if not _is_off(value, off_values):
                 raise ValueError(f"`{name}={value!r}` has no meaning for masked diffusion: {instead}.")
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            problem = _token_id_or_ids(getattr(self, name, None))
+            if problem is not None:
+                raise ValueError(f"`{name}` {problem}, got {getattr(self, name)!r}.")
         if self.do_sample is True and not self.temperature:
             raise ValueError("`do_sample=True` samples the candidates: set `temperature` > 0 (e.g. 1.0).")
         check_pad_is_not_mask(self.pad_token_id, self.mask_token_id)
@@ -372,6 +382,23 @@ def _with_transformers_conventions(config: DiffusionGenerationConfig, kwargs: di
         warnings.warn(f"`do_sample=False`: greedy decoding; `temperature={kwargs['temperature']}` is used only "
                       "when sampling. Set `do_sample=True` or drop `temperature`.", UserWarning, stacklevel=5)
     return kwargs
+
+
+def _check_ids_in_vocabulary(config: DiffusionGenerationConfig, vocab_size: int) -> None:
+    """Every token id a call names must be a row of the model's vocabulary; and something must stay a candidate."""
+    for name in ("mask_token_id", "eos_token_id", "pad_token_id", "eot_token_id", "suppress_tokens",
+                 "begin_suppress_tokens"):
+        outside = [i for i in _as_id_list(getattr(config, name, None)) if i >= vocab_size]
+        if outside:
+            raise ValueError(f"`{name}` names id {outside[0]}, outside the model's vocabulary of {vocab_size} "
+                             "tokens: use ids of this model's tokenizer.")
+    if len(set(_as_id_list(config.suppress_tokens))) >= vocab_size:
+        raise ValueError(f"`suppress_tokens` covers all {vocab_size} tokens of the vocabulary: nothing would be left "
+                         "to generate. Suppress fewer ids.")
+
+
+def _as_id_list(value) -> list[int]:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _over_model_settings(model_config: DiffusionGenerationConfig, settings) -> DiffusionGenerationConfig:
@@ -613,6 +640,7 @@ class DiffusionGenerationMixin:
             raise ValueError(
                 "No mask token id: set `mask_token_id` in the model config or pass `mask_token_id=` to generate."
             )
+        _check_ids_in_vocabulary(config, self.config.get_text_config().vocab_size)
         backend = self.config._attn_implementation
         if config.kv_cache and backend not in CACHE_ATTENTION_BACKENDS:
             raise ValueError(
