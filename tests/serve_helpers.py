@@ -134,7 +134,8 @@ class InProcessServer:
     """`create_app` under uvicorn on a thread of this process: the test can look at the scheduler."""
 
     def __init__(self, model, tokenizer, api_key=None, defaults=None, max_batch=32, max_queue=256,
-                 max_tokens_limit=64, max_body_bytes=1 << 20, step_delay=0.0, batch_wait=0.02):
+                 max_tokens_limit=64, max_body_bytes=1 << 20, step_delay=0.0, batch_wait=0.02,
+                 trust_special_tokens=False):
         import uvicorn
 
         from llada_hf.serving.app import ServerConfig, create_app
@@ -146,7 +147,7 @@ class InProcessServer:
                                    step_delay=step_delay)
         config = ServerConfig(model_name="tiny", api_key=api_key, defaults=dict(defaults or {}),
                               max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
-                              context=model.config.max_position_embeddings)
+                              context=model.config.max_position_embeddings, trust_special_tokens=trust_special_tokens)
         self.app = create_app(model, tokenizer, self.scheduler, config, ends)
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"

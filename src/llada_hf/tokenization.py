@@ -110,3 +110,42 @@ def set_mask_token(tokenizer, mask_token_id: int | None) -> None:
     token = tokenizer.convert_ids_to_tokens(mask_token_id)
     if token is not None:  # an id beyond the tokenizer (padded embedding rows) has no token to name
         tokenizer.mask_token = token
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], trust_special_tokens: bool = False) -> list[int]:
+    """Token ids of `messages` in the tokenizer's chat template, with a generation prompt.
+
+    Special tokens come only from the template: text in a message that spells one (`<|mdm_mask|>`, `<|eot_id|>`,
+    ...) is tokenized as plain text, so a client cannot inject masks (which would be infilled) or fake turns.
+    `trust_special_tokens=True` tokenizes message text as the template's own text (for trusted callers).
+
+    Example:
+        ```python
+        >>> from llada_hf.tokenization import chat_prompt_ids, train_tokenizer
+        >>> tok = train_tokenizer(["hello there"], vocab_size=300)
+        >>> ids = chat_prompt_ids(tok, [{"role": "user", "content": "hi <|mdm_mask|>"}])
+        >>> tok.mask_token_id in ids
+        False
+        ```
+    """
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    specials = [token for token in tokenizer.all_special_tokens if token]
+    contents = [m.get("content") for m in messages]
+    if trust_special_tokens or not any(isinstance(c, str) and any(s in c for s in specials) for c in contents):
+        return tokenizer(text, add_special_tokens=False).input_ids
+    # Render the template around placeholders, then tokenize its own text and the messages' text separately.
+    marks = [(f"\ue000{i}\ue001", c) for i, c in enumerate(contents)]
+    framed = [dict(m, content=f" {mark} ") if isinstance(c, str) else m for m, (mark, c) in zip(messages, marks)]
+    rest = tokenizer.apply_chat_template(framed, add_generation_prompt=True, tokenize=False)
+    ids = []
+    for mark, content in marks:
+        if not isinstance(content, str):
+            continue
+        head, _, rest = rest.partition(mark)
+        if head.endswith(" ") and rest.startswith(" "):  # the template kept the content as it is
+            head, rest = head[:-1], rest[1:]
+        else:  # the template trims content (LLaDA's does): trim it the same way
+            content = content.strip()
+        ids += tokenizer(head, add_special_tokens=False).input_ids
+        ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True).input_ids
+    return ids + tokenizer(rest, add_special_tokens=False).input_ids

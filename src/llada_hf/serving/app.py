@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..tokenization import chat_prompt_ids
 from .protocol import (
     AnswerText,
     ChatCompletionRequest,
@@ -44,6 +45,10 @@ class ServerConfig:
         max_tokens_limit: the largest `max_tokens` a request may ask for.
         max_body_bytes: the largest request body (413 beyond).
         context: prompt + answer positions the model takes (`max_position_embeddings`).
+        trust_special_tokens: tokenize chat messages with their special tokens (`<|mdm_mask|>`, `<|eot_id|>`, ...)
+            as control tokens. Off by default: message text is text, special tokens come only from the chat template
+            (a client cannot inject masks or fake turns). /v1/completions takes its prompt as the client wrote
+            it, control tokens included: it is the raw-prompt endpoint.
     """
 
     model_name: str
@@ -52,6 +57,7 @@ class ServerConfig:
     max_tokens_limit: int = 1024
     max_body_bytes: int = 1 << 20
     context: int | None = None
+    trust_special_tokens: bool = False
 
 
 def create_app(model, tokenizer, scheduler: Scheduler, config: ServerConfig, end_token_ids: list[int]) -> FastAPI:
@@ -205,8 +211,7 @@ def create_app(model, tokenizer, scheduler: Scheduler, config: ServerConfig, end
                               param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = chat_prompt_ids(tokenizer, messages, trust_special_tokens=config.trust_special_tokens)
         check_prompt(ids, settings)
         return await respond("chat", body, [ids], settings, stop, http)
 
