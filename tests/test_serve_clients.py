@@ -76,14 +76,14 @@ def test_the_openai_package_sees_openai_errors(server):
 
 
 def test_the_readme_client_snippet_runs(server, capsys):
-    """The README's openai example (fenced `py`: it needs a running server, so the README check that runs `python`
-    snippets skips it) runs against this server."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """The openai example of docs/serve.md (fenced `py`: it needs a running server, so the README and docs check that
+    runs `python` snippets skips it) runs against this server."""
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "serve.md").read_text()
     section = readme[readme.index("## Serve"):]
     code = re.search(r"```py\n(.*?)```", section, re.S).group(1)
     code = code.replace("http://127.0.0.1:8000/v1", server + "/v1").replace('"unused"', '"k3y"')
     code = code.replace('model="model"', 'model="tiny"').replace('"steps": 64', '"steps": 8')
-    exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, "docs/serve.md", "exec"), {"__name__": "__readme__"})
     assert capsys.readouterr().out.strip()
 
 

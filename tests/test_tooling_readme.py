@@ -1,5 +1,6 @@
-"""The README's Python snippets run as written: every name a snippet uses is imported or defined by it or by a
-snippet above it, and the snippets that need no Hub download are run (the publish example twice)."""
+"""The Python snippets of the README and of the reference pages in docs/ run as written: every name a snippet uses
+is imported or defined by it or by a snippet above it on the same page, and the snippets that need no Hub download
+are run (the publish example twice)."""
 
 import ast
 import builtins
@@ -9,8 +10,11 @@ from pathlib import Path
 import pytest
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGE_SNIPPETS = {page: re.findall(r"```python\n(.*?)```", page.read_text(), re.S) for page in PAGES}
+SNIPPETS = [code for page in PAGES for code in PAGE_SNIPPETS[page]]
+PAGE_OF = {code: page for page in PAGES for code in PAGE_SNIPPETS[page]}
 
 
 def bound_and_used(code: str) -> tuple[set[str], set[str]]:
@@ -40,10 +44,13 @@ def runnable(code: str) -> bool:
 
 def test_every_snippet_has_its_imports():
     assert len(SNIPPETS) >= 5
-    earlier = set()
-    for number, code in enumerate(SNIPPETS):
-        assert not unbound_names(code, earlier), f"README snippet {number} uses undefined names:\n{code}"
-        earlier |= bound_and_used(code)[0]
+    assert PAGE_SNIPPETS[ROOT / "README.md"], "the README has Python snippets"
+    for page in PAGES:
+        earlier = set()  # a page is read on its own: its snippets may use only what the page's earlier ones define
+        for number, code in enumerate(PAGE_SNIPPETS[page]):
+            assert not unbound_names(code, earlier), (
+                f"{page.relative_to(ROOT)} snippet {number} uses undefined names:\n{code}")
+            earlier |= bound_and_used(code)[0]
 
 
 @pytest.mark.parametrize("code", [code for code in SNIPPETS if runnable(code)],
@@ -52,7 +59,7 @@ def test_snippets_without_downloads_run(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # they write their folders (training output, publish plan) into the working dir
     runs = 2 if "publish(" in code else 1  # the publish example can be run twice
     for _ in range(runs):
-        exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+        exec(compile(code, str(PAGE_OF[code]), "exec"), {"__name__": "__readme__"})
 
 
 def test_the_runnable_snippets_are_the_expected_ones():
