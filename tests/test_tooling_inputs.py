@@ -152,3 +152,15 @@ def test_lm_eval_answers_end_at_eos_or_eot_like_the_cli(model, tokenizer):
     eot = tokenizer.convert_tokens_to_ids(EOT)
     assert lm._answer_text([*cat, eot, *dog, tokenizer.eos_token_id], until=[]) == " cat"
     assert lm._answer_text([*cat, tokenizer.eos_token_id, *dog], until=[]) == " cat"
+
+
+@pytest.mark.parametrize(("config", "field", "value"), [
+    ("DiffusionDPOConfig", "beta", float("nan")), ("DiffusionDPOConfig", "beta", 0.0),
+    ("DiffusionDPOConfig", "beta", float("inf")), ("DiffusionGRPOConfig", "beta", float("nan")),
+    ("DiffusionGRPOConfig", "epsilon", -0.2), ("DiffusionGRPOConfig", "temperature", 0.0),
+])
+def test_alignment_numbers_must_be_finite_and_in_range(tmp_path, config, field, value):
+    import llada_hf.trainers as trainers
+
+    with pytest.raises(ValueError, match=rf"`{field}` must be a finite number"):
+        getattr(trainers, config)(output_dir=str(tmp_path), **{field: value})

@@ -1,6 +1,8 @@
 """What the llada-hf preference and RL trainers share on top of TRL: their arguments, the mask token, and undoing
 TRL's next-token LM head."""
 
+import math
+
 import torch
 from accelerate.utils import is_peft_model
 from trl.trainer.utils import get_config_model_id
@@ -49,3 +51,13 @@ class MaskTokenMixin:
             self._mask_token_id = resolve_mask_token_id(config, self._tokenizer)
             config.get_text_config().mask_token_id = self._mask_token_id
         return self._mask_token_id
+
+
+def check_number(name: str, value, *, above: float, inclusive: bool = False, meaning: str = "") -> None:
+    """Refuse a setting that is not a finite real number above `above` (or equal, with `inclusive`): NaN would
+    otherwise train silently (a loss of 0.0) and inf overflow. `meaning` says what the setting does."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < above or (value == above and not inclusive):
+        bound = f">= {above}" if inclusive else f"> {above}"
+        raise ValueError(f"`{name}` must be a finite number {bound}{f' ({meaning})' if meaning else ''}, "
+                         f"got {value!r}.")

@@ -45,7 +45,7 @@ from trl.trainer.utils import use_adapter
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
 from ..tokenization import set_mask_token
-from .common import MaskTokenMixin, as_config, remove_fused_lm_head
+from .common import MaskTokenMixin, as_config, check_number, remove_fused_lm_head
 from .config import bf16_supported
 from .elbo import AnswerBatch, draw_elbo_noise, elbo_estimates, right_align
 from .hub import LladaHubMixin
@@ -125,6 +125,7 @@ class DiffusionDPOConfig(DPOConfig):
                 raise ValueError(
                     f"`{name}` must be an integer >= 1 (the ELBO needs at least one sample), got {value!r}."
                 )
+        check_number("beta", self.beta, above=0, meaning="it scales the log-ratios; TRL's default is 0.1")
         self._refuse_next_token_options()
 
     def _refuse_next_token_options(self) -> None:

@@ -48,7 +48,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, P
 from ..generation_llada import DiffusionGenerationConfig
 from ..streaming_llada import end_token_ids
 from ..tokenization import set_mask_token
-from .common import MaskTokenMixin, as_config, remove_fused_lm_head
+from .common import MaskTokenMixin, as_config, check_number, remove_fused_lm_head
 from .config import bf16_supported
 from .hub import LladaHubMixin
 from .sft import check_masked_diffusion_model
@@ -143,6 +143,9 @@ class DiffusionGRPOConfig(GRPOConfig):
         self._refuse_causal_options()
 
     def _check_diffusion_fields(self) -> None:
+        check_number("beta", self.beta, above=0, inclusive=True, meaning="the KL coefficient; 0 turns it off")
+        check_number("epsilon", self.epsilon, above=0, meaning="the clipping range")
+        check_number("temperature", self.temperature, above=0, meaning="rollouts are sampled")
         if not 0.0 <= self.p_mask_prompt < 1.0:
             raise ValueError(f"`p_mask_prompt` must lie in [0, 1), got {self.p_mask_prompt!r}.")
         for name in ("diffusion_steps", "block_length", "max_completion_length"):
