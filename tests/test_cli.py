@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +67,89 @@ def test_every_subcommand_has_help(command, capsys):
         main([*command, "--help"])
     assert exit_info.value.code == 0
     assert "usage" in capsys.readouterr().out.lower()
+
+
+HEAVY = ("torch", "transformers", "datasets", "llada_hf")
+
+
+def test_help_and_argument_errors_import_nothing_heavy():
+    """The parser lives in `llada_hf_cli`, which imports neither torch nor transformers nor `llada_hf` (whose import
+    registers the models, so imports both): help and argument errors answer at once."""
+    probe = textwrap.dedent(f"""
+        import contextlib, io, sys
+        from llada_hf_cli import build_parser, main
+        build_parser()
+        codes = []
+        for argv in (["--help"], ["generate", "--help"], ["serve", "--help"], ["bogus"], ["generate"],
+                     ["generate", "m", "hi", "--steps", "x"]):
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    main(argv)
+                except SystemExit as exit_info:
+                    codes.append(exit_info.code)
+        print(codes, sorted(name for name in {HEAVY!r} if name in sys.modules))
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[0, 0, 0, 2, 2, 2] []"
+
+
+def test_the_installed_command_answers_help():
+    script = Path(sys.executable).with_name("llada-hf")
+    if not script.is_file():
+        pytest.skip("the llada-hf script is not installed next to this Python")
+    assert "llada_hf_cli" in script.read_text()  # the light entry point (reinstall after changing pyproject.toml)
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: llada-hf" in result.stdout
+
+
+def test_generation_flags_match_the_generation_options():
+    """`llada_hf_cli.GENERATION_FLAGS` is written out (building the parser needs no torch): it must stay what the
+    options declared in generation_llada.py give."""
+    from llada_hf.cli import GENERATION_FLAGS
+    from llada_hf.generation_llada import DIFFUSION_OPTIONS, HONOURED_FIELDS
+
+    inherited = [flag for flag in GENERATION_FLAGS if flag[0] in HONOURED_FIELDS]  # transformers' fields first
+    assert all(choices is None and text == HONOURED_FIELDS[name][1] for name, _, choices, text in inherited)
+    diffusion = [(option.name, option.cli_type, option.choices, option.help) for option in DIFFUSION_OPTIONS
+                 if option.cli_type is not None]
+    assert list(GENERATION_FLAGS) == inherited + diffusion
+
+
+def test_no_library_progress_bars_when_stderr_is_not_a_terminal(saved_model, tmp_path):
+    """Piped (a log file), stderr gets no "Loading weights" (transformers) nor "Generating train split" (datasets)."""
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("\n".join(json.dumps({"prompt": "the cat", "completion": " sat"}) for _ in range(2)))
+    result = subprocess.run([sys.executable, "-m", "llada_hf_cli", "tune", saved_model, "--dev", str(dev),
+                             "--max-new-tokens", "4", "--trials", "1", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "chosen" in result.stdout
+    assert "Loading weights" not in result.stderr and "Generating train split" not in result.stderr, result.stderr
+
+
+def test_library_progress_bars_stay_on_a_terminal():
+    probe = textwrap.dedent("""
+        import io, sys
+        import datasets, transformers
+        from llada_hf_cli import quiet_when_logged
+
+        def bars():
+            return transformers.utils.logging.is_progress_bar_enabled(), not datasets.are_progress_bars_disabled()
+
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+
+        sys.stderr = Terminal()
+        quiet_when_logged()
+        on_terminal = bars()
+        sys.stderr = io.StringIO()
+        quiet_when_logged()
+        print(on_terminal, bars())
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "(True, True) (False, False)", result.stderr
 
 
 def test_chat_answers_each_turn(saved_model):

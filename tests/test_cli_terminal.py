@@ -16,6 +16,7 @@ import torch
 from transformers.generation.streamers import TextDiffusionStreamer as TransformersTextDiffusionStreamer
 
 from llada_hf import LladaConfig, LladaForMaskedDiffusion, TextDiffusionStreamer, end_token_ids, truncate_at_eos
+from llada_hf.streaming_llada import render_draft
 from llada_hf.tokenization import model_token_ids, train_tokenizer
 
 
@@ -214,6 +215,49 @@ def test_transformers_own_diffusion_streamer_works_with_generate(tokenizer_and_m
     assert "\x1b[33m" in printed  # its drafts (in yellow) arrived through put_draft(value=...)
     answer = tokenizer.decode(out[0, ids.shape[1]:])
     assert Screen(200, 24).feed(printed).text_lines() == [*shown_lines(answer), ""]  # drafts gone, answer kept
+
+
+def test_transformers_own_diffusion_streamer_never_shows_committed_text_twice(tokenizer_and_model, capsys):
+    """transformers' streamer prints the committed text, then the draft after it: the draft must be the canvas
+    still being decoded (from the current block on), not the whole answer, or the committed text shows twice."""
+    tokenizer, model = tokenizer_and_model
+    ids = tokenizer("the cat", return_tensors="pt").input_ids
+    streamer = TransformersTextDiffusionStreamer(tokenizer, skip_prompt=True)
+    screen, printed, screens = Screen(400, 24), [], []
+    put_draft, on_finalized_text = streamer.put_draft, streamer.on_finalized_text
+
+    def record_finalized(text, stream_end=False):
+        printed.append(text)
+        on_finalized_text(text, stream_end=stream_end)
+
+    def record_draft(value, **kwargs):
+        put_draft(value, **kwargs)
+        screens.append(("".join(printed), "\n".join(screen.feed(capsys.readouterr().out).text_lines())))
+
+    streamer.put_draft, streamer.on_finalized_text = record_draft, record_finalized
+    capsys.readouterr()
+    out = model.generate(ids, max_new_tokens=16, steps=16, block_length=4, streamer=streamer,
+                         return_dict_in_generate=True, output_history=True)
+    answer_ids = out.sequences[0, ids.shape[1]:]
+    assert len(screens) == len(out.history) == 16
+    for step, ((committed_text, shown), canvas) in enumerate(zip(screens, out.history)):
+        block_start = ids.shape[1] + 4 * (step // 4)  # 4 blocks of 4 tokens, one step per token
+        # On screen: the committed text once, then the draft of what is not committed yet, masks included
+        assert tokenizer.decode(answer_ids[: block_start - ids.shape[1]]).startswith(committed_text)
+        assert shown == committed_text + tokenizer.decode(canvas[0, block_start:])
+    assert "".join(printed) == tokenizer.decode(answer_ids)
+    assert screen.feed(capsys.readouterr().out).text_lines() == [*shown_lines(tokenizer.decode(answer_ids)), ""]
+
+
+def test_our_streamer_drafts_show_the_whole_answer_at_every_step(tokenizer_and_model):
+    tokenizer, model = tokenizer_and_model
+    ids = tokenizer("the cat", return_tensors="pt").input_ids
+    streamer = TextDiffusionStreamer(tokenizer, skip_prompt=True, live=False)
+    out = model.generate(ids, max_new_tokens=16, steps=16, block_length=4, streamer=streamer,
+                         return_dict_in_generate=True, output_history=True)
+    assert streamer.drafts == [render_draft(canvas[0, ids.shape[1]:].tolist(), tokenizer, tokenizer.mask_token_id)
+                               for canvas in out.history]
+    assert streamer.drafts[0].count("░") == 15 and "░" not in streamer.drafts[-1]
 
 
 def test_our_streamer_is_transformers_streamer_and_redraws_in_place(tokenizer_and_model, capsys, monkeypatch):

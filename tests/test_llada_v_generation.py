@@ -8,6 +8,7 @@ from llada_v_helpers import (
     CROP,
     END_HEADER_ID,
     EOS_ID,
+    IMAGE_ID,
     MASK_ID,
     START_HEADER_ID,
     TOWER_CONFIG,
@@ -131,3 +132,41 @@ def test_image_text_to_text_pipeline(official, processor):
     answer = model.generate(**inputs, **settings)[0, inputs["input_ids"].shape[1]:]
     assert result["generated_text"][-1] == {"role": "assistant", "content": processor.decode(answer,
                                                                                             skip_special_tokens=True)}
+
+
+def test_an_official_folder_loads_with_auto_processor_and_generates(tmp_path, processor):
+    """A folder laid out as the official one (config, generation_config.json without a mask id, tower folder,
+    tokenizer; no processor config): AutoProcessor builds the official processor from the config, and generate runs
+    with the mask id of the model config, as the official sampler."""
+    import json
+
+    from transformers import AutoProcessor
+
+    _, state = write_official_checkpoint(tmp_path)
+    processor.tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID}))
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert (loaded.image_token_id, loaded.num_image_tokens) == (processor.image_token_id, processor.num_image_tokens)
+    assert loaded.image_processor.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints
+    model = AutoModel.from_pretrained(tmp_path).eval()
+    assert model.generation_config.mask_token_id == MASK_ID  # from the model config: the file names none
+    image = _image(70, 40)
+    inputs = _chat_inputs(loaded, [image], "What is in the image?")
+    settings = dict(steps=8, gen_length=8, block_length=8)
+    out = model.generate(**inputs, max_new_tokens=8, steps=8, block_length=8, suppress_tokens=OFFICIAL_SUPPRESSIONS)
+    assert torch.equal(out[:, inputs["input_ids"].shape[1]:],
+                       _official_answer(state, [image], inputs["input_ids"][0], **settings))
+
+
+def test_a_tokenizer_whose_image_id_differs_from_the_config_is_refused_at_load(tmp_path, processor):
+    import json
+
+    from transformers import AutoProcessor
+
+    write_official_checkpoint(tmp_path)
+    processor.tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["image_token_id"] = IMAGE_ID + 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"gives `<image>` the id {IMAGE_ID}, but the model config expects"):
+        AutoProcessor.from_pretrained(tmp_path)

@@ -70,6 +70,19 @@ def test_health_models_and_metrics(server):
         assert f"# TYPE {name} " in text
 
 
+def test_the_page_asks_only_for_what_the_server_has(server):
+    """Every file the page links is served, and its icon is inline: no request for /favicon.ico (a 404)."""
+    import re
+
+    status, headers, page = request_json(server.url + "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert re.search(r'<link rel="icon" href="data:[^"]*">', page)
+    links = re.findall(r'(?:href|src)="([^"]+)"', page)
+    assert "/static/app.js" in links and "/static/style.css" in links
+    for link in links:
+        assert link.startswith("data:") or request_json(server.url + link)[0] == 200, link
+
+
 def test_chat_and_completion_answers_equal_generate(server, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     status, _, body = request_json(server.url + "/v1/chat/completions", chat_body("the cat", max_tokens=6, steps=6))

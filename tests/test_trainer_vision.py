@@ -461,3 +461,28 @@ def test_cli_train_stage_takes_the_official_hyperparameters_as_defaults(tmp_path
     for name, value in trained.state_dict().items():
         if module_group(name) != "multi_modal_projector":
             assert torch.equal(value, model.state_dict()[name]), name
+
+
+def test_cli_train_reads_image_paths_relative_to_the_dataset_file(tmp_path, processor, monkeypatch):
+    """`img/0.png` in data/captions.jsonl is data/img/0.png wherever the command runs (absolute paths are kept)."""
+    from llada_hf.cli import load_local_dataset, main
+
+    model = tiny_llada_v()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    rows = []
+    for i, (name, image) in enumerate(colour_rows(4)):
+        image.save(tmp_path / "data" / "img" / f"{i}.png")
+        path = f"img/{i}.png" if i else str(tmp_path / "data" / "img" / "0.png")
+        rows.append({"image": path, "prompt": "<image>", "completion": f" a {name} square"})
+    (tmp_path / "data" / "captions.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    data = os.path.join("..", "data", "captions.jsonl")
+    assert load_local_dataset(data)["image"] == [str(tmp_path / "data" / "img" / f"{i}.png") for i in range(4)]
+    code = main(["train", "--model_name_or_path", str(tmp_path / "model"), "--dataset_path", data,
+                 "--stage", "projector", "--output_dir", str(tmp_path / "trained"), "--max_steps", "1",
+                 "--per_device_train_batch_size", "2", "--report_to", "none", "--gradient_checkpointing", "false"])
+    assert code == 0
+    assert (tmp_path / "trained" / "model.safetensors").is_file()

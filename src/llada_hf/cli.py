@@ -9,48 +9,19 @@ import math
 import os
 import sys
 
-
-class CliError(Exception):
-    """A problem the user can fix; printed as one line."""
+from llada_hf_cli import (  # noqa: F401  (the parser lives there: `llada-hf --help` needs no torch)
+    DEMO_OUTPUT_DIR,
+    DTYPES,
+    GENERATION_FLAGS,
+    CliError,
+    add_generation_options,
+    add_image_option,
+    build_parser,
+    main,
+)
 
 
 # ---- generate and chat ---------------------------------------------------------------------------
-
-
-# transformers' own generation fields offered as flags; the diffusion ones come from DIFFUSION_OPTIONS.
-INHERITED_FLAGS = (("max_new_tokens", int), ("min_new_tokens", int), ("temperature", float), ("top_k", int),
-                   ("top_p", float), ("min_p", float))
-
-
-def generation_flags() -> list[tuple[str, type, tuple | None, str]]:
-    """(name, type, choices, help) of every generation flag: transformers' fields above, then each diffusion
-    setting of `DIFFUSION_OPTIONS` that has a CLI type, so a new option needs no change here."""
-    from .generation_llada import DIFFUSION_OPTIONS, HONOURED_FIELDS
-
-    flags = [(name, kind, None, HONOURED_FIELDS[name][1]) for name, kind in INHERITED_FLAGS]
-    flags += [(option.name, option.cli_type, option.choices, option.help) for option in DIFFUSION_OPTIONS
-              if option.cli_type is not None]
-    return flags
-
-
-def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation (defaults: the checkpoint's generation_config)")
-    for name, kind, choices, help_text in generation_flags():
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            group.add_argument(flag, action="store_true", default=None, help=help_text)
-        else:
-            group.add_argument(flag, type=kind, choices=choices, help=help_text.replace("%", "%%"))
-    group.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto", help=", ".join(DTYPES))
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def add_image_option(parser: argparse.ArgumentParser, help_text: str) -> None:
-    parser.add_argument("--image", action="append", metavar="PATH", help=help_text)
 
 
 def check_generation_args(args: argparse.Namespace) -> None:
@@ -58,7 +29,7 @@ def check_generation_args(args: argparse.Namespace) -> None:
     device this machine does not have. Fills in the default device."""
     import torch
 
-    for name in (name for name, kind, _, _ in generation_flags() if kind is float):
+    for name in (name for name, kind, _, _ in GENERATION_FLAGS if kind is float):
         value = getattr(args, name, None)  # `tune` has no generation flags
         if value is not None and not math.isfinite(value):
             raise CliError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
@@ -78,7 +49,7 @@ def _has_accelerator(device_type: str) -> bool:
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
-    names = [name for name, _, _, _ in generation_flags()]
+    names = [name for name, _, _, _ in GENERATION_FLAGS]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -407,7 +378,49 @@ def load_local_dataset(path: str, split: str = "train"):
         data = load_from_disk(path)
         return data[split] if hasattr(data, "keys") and split in data else data
     builder = DATASET_BUILDERS[os.path.splitext(path)[1].lower()]
-    return load_dataset(builder, data_files={split: path}, split=split)
+    dataset = load_dataset(builder, data_files={split: path}, split=split)
+    return resolve_image_paths(dataset, os.path.dirname(os.path.abspath(path)))
+
+
+IMAGE_COLUMNS = ("image", "images")  # TRL's vision formats
+
+
+def resolve_image_paths(dataset, folder: str):
+    """Image paths of a dataset file's rows (`image` / `images` columns: paths, or `{"bytes", "path"}` records as
+    `datasets` writes them) read relative to the file's folder, as `datasets` reads the paths of an image folder's
+    metadata.jsonl, not relative to where the command runs; absolute paths are kept. (A `datasets` Image column is
+    left alone: its images are stored or resolved by `datasets`.)"""
+    columns = [name for name in IMAGE_COLUMNS
+               if name in dataset.column_names and not _decodes_images(dataset.features[name])]
+    if not columns:
+        return dataset
+    return dataset.map(_resolve_row, fn_kwargs={"columns": columns, "folder": folder}, desc="Resolving image paths")
+
+
+def _decodes_images(feature) -> bool:
+    from datasets import Image
+
+    if isinstance(feature, Image):
+        return True
+    if isinstance(feature, (list, tuple)):
+        return any(_decodes_images(item) for item in feature)
+    if isinstance(feature, dict):
+        return any(_decodes_images(item) for item in feature.values())
+    return hasattr(feature, "feature") and _decodes_images(feature.feature)  # List / Sequence
+
+
+def _resolve_row(row: dict, columns: list[str], folder: str) -> dict:
+    return {name: _resolve_path(row[name], folder) for name in columns}
+
+
+def _resolve_path(value, folder: str):
+    if isinstance(value, list):
+        return [_resolve_path(item, folder) for item in value]
+    if isinstance(value, dict) and not value.get("bytes"):
+        return {**value, "path": _resolve_path(value.get("path"), folder)}
+    if isinstance(value, str) and value and not os.path.isabs(value):
+        return os.path.join(folder, value)
+    return value
 
 
 # ---- tune ----------------------------------------------------------------------------------------
@@ -489,9 +502,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 # ---- demo ----------------------------------------------------------------------------------------
 
 
-DEMO_OUTPUT_DIR = "outputs/demo"
-
-
 def cmd_demo(args: argparse.Namespace) -> None:
     if args.vision:
         from .demo_vision import DEFAULT_VISION, QUICK_VISION, run_vision_demo
@@ -505,109 +515,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     settings = QUICK if args.quick else LARGE if args.large else DEFAULT
     run_demo(args.output_dir, seed=args.seed, settings=settings)
-
-
-# ---- entry point ---------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llada-hf", description="LLaDA masked diffusion language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="the reversal experiment in miniature (the main job)")
-    demo.add_argument("--output-dir", default=DEMO_OUTPUT_DIR)
-    demo.add_argument("--seed", type=int, default=0)
-    size = demo.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
-    size.add_argument("--large", action="store_true", help="a bigger run that shows the effect more strongly")
-    demo.add_argument("--vision", action="store_true",
-                      help="the LLaDA-V miniature instead: three training stages on pictures, beside an AR LLaVA")
-    demo.set_defaults(func=cmd_demo)
-
-    generate = sub.add_parser("generate", help="generate answers to prompts")
-    generate.add_argument("model", help="a saved model folder")
-    generate.add_argument("prompt", nargs="+", help="one or more prompts (one answer each)")
-    generate.add_argument("--join", action="store_true", help="join the words into a single prompt")
-    generate.add_argument("--chat", action="store_true",
-                          help="apply the chat template to each prompt (always done for a vision model)")
-    add_image_option(generate, "an image each prompt asks about (LLaDA-V models); repeat it for several images")
-    generate.add_argument("--stream", action="store_true", help="show the drafts while denoising")
-    generate.add_argument("--visualize", metavar="PNG", help="write the decoding-order picture here")
-    generate.add_argument("--quiet", action="store_true", help="no progress bar (there is none when piped)")
-    add_generation_options(generate)
-    generate.set_defaults(func=cmd_generate)
-
-    chat = sub.add_parser("chat", help="multi-turn chat in the terminal with live drafts")
-    chat.add_argument("model", help="a saved model folder")
-    chat.add_argument("--system", help="a system message")
-    add_image_option(chat, "an image the first question is about (LLaDA-V models); repeat it for several images")
-    add_generation_options(chat)
-    chat.set_defaults(func=cmd_chat)
-
-    tune = sub.add_parser("tune", help="measure decoding settings on a dev set: accuracy vs speed, save the best")
-    tune.add_argument("model", help="a saved model folder")
-    tune.add_argument("--dev", required=True, help="a JSON/JSONL file of {'prompt': ..., 'completion': ...} records")
-    tune.add_argument("--max-new-tokens", type=int, default=64)
-    tune.add_argument("--trials", type=int, default=12, help="settings to measure, the defaults included")
-    tune.add_argument("--batch-size", type=int, default=8)
-    tune.add_argument("--seed", type=int, default=0, help="which settings are drawn")
-    tune.add_argument("--plot", metavar="PNG", help="draw accuracy against answer tokens/s here")
-    tune.add_argument("--save", action="store_true", help="write the chosen setting into generation_config.json")
-    tune.add_argument("--dtype", default="auto", help=", ".join(DTYPES))
-    tune.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
-    tune.set_defaults(func=cmd_tune)
-
-    publish = sub.add_parser("publish", help="upload a saved model or adapter folder to the Hub in one commit")
-    publish.add_argument("path", help="a folder written by save_pretrained (model or LoRA adapter)")
-    publish.add_argument("repo_id", help="owner/name on the Hub")
-    publish.add_argument("--private", action="store_true", help="create the repository as private")
-    publish.add_argument("--dry-run", action="store_true", help="list the files and render the card; upload nothing")
-    publish.add_argument("--base-model", help="Hub id of the base model (for adapters and fine-tunes)")
-    publish.set_defaults(func=cmd_publish)
-
-    export = sub.add_parser("export", help="write the official GSAI-ML layout or a GGUF file (llama.cpp)")
-    export.add_argument("model", help="a saved model folder (or LoRA adapter folder, merged into its base)")
-    export.add_argument("output", help="the folder (--format official) or file, e.g. model.gguf (--format gguf)")
-    export.add_argument("--format", required=True, choices=["official", "gguf"])
-    export.add_argument("--dtype", choices=["f16", "f32", "q8_0"], help="gguf: weight type (default f16)")
-    export.add_argument("--tokenizer-pre", help="gguf: llama.cpp's pre-tokenizer name, when it cannot be detected")
-    export.add_argument("--ship-bundle", action="store_true",
-                        help="official: auto_map points at llada-hf's code, copied beside the weights")
-    export.add_argument("--code-repo", help="official: Hub repo of the official code (GSAI-ML/LLaDA-8B-Instruct)")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    export.set_defaults(func=cmd_export)
-
-    serve = sub.add_parser("serve", help="an OpenAI-compatible server: step-level batching, streamed drafts, a web "
-                                         "page (generation flags: the defaults of every request)")
-    serve.add_argument("model", help="a saved model folder")
-    from .serving.server import add_serve_options
-
-    add_serve_options(serve)
-    add_generation_options(serve)
-    serve.set_defaults(func=cmd_serve)
-
-    train = sub.add_parser("train", help="fine-tune with DiffusionSFTTrainer (flags: DiffusionSFTConfig fields)",
-                           add_help=False)
-    train.set_defaults(func=None)
-    sub.add_parser("eval", help="lm-evaluation-harness with the llada_hf model (flags: lm_eval's)", add_help=False)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv and argv[0] in ("train", "eval"):  # these parse their own flags (TRL's / lm_eval's parser)
-            (cmd_train if argv[0] == "train" else cmd_eval)(argv[1:])
-            return 0
-        args = build_parser().parse_args(argv)
-        args.func(args)
-        return 0
-    except (CliError, ValueError, TypeError, OSError, RuntimeError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"llada-hf: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

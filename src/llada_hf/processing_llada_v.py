@@ -120,6 +120,35 @@ class LladaVProcessor(ProcessorMixin):
         chat_template = chat_template if chat_template is not None else LLADA_V_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a saved processor; an official LLaDA-V folder has none (the official code builds its image
+        processor in code), so it is built from the folder's config: crop size and patch of the vision tower, the
+        anyres grid, the aspect-ratio mode, and the folder's tokenizer. The tokenizer's `<image>` id must be the
+        config's `image_token_id`."""
+        import os
+
+        from transformers import AutoConfig, AutoTokenizer
+
+        folder = str(pretrained_model_name_or_path)
+        saved = ("processor_config.json", "preprocessor_config.json")
+        if not os.path.isdir(folder) or any(os.path.isfile(os.path.join(folder, name)) for name in saved):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        loading = {key: kwargs[key] for key in ("trust_remote_code", "revision", "local_files_only") if key in kwargs}
+        config = AutoConfig.from_pretrained(folder, **loading)
+        tower = config.vision_config
+        processor = cls(official_image_processor(tower.image_size, config.image_grid_pinpoints),
+                        AutoTokenizer.from_pretrained(folder, **loading),
+                        num_image_tokens=(tower.image_size // tower.patch_size) ** 2,
+                        vision_aspect_ratio=config.vision_aspect_ratio)
+        if processor.image_token_id != config.image_token_id:
+            raise ValueError(
+                f"The tokenizer in {folder} gives `<image>` the id {processor.image_token_id}, but the model config "
+                f"expects {config.image_token_id} (`image_token_id`): use the model's own tokenizer, or set "
+                "`image_token_id` in config.json to the tokenizer's id."
+            )
+        return processor
+
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Load the images (PIL images, paths, URLs) and bring them to RGB as the official loader does
         (`Image.convert("RGB")`: grayscale is replicated, alpha dropped, 16-bit values saturate at 255); refuse

@@ -133,9 +133,12 @@ class TextDiffusionStreamer(TransformersTextDiffusionStreamer):
 
     Same protocol as transformers' class (`put(value)`, `put_draft(value, **kwargs)`, `end()`), so `generate`
     accepts either. `generate` calls `put` with the prompt, then with each committed block, and
-    `put_draft(value=answer_ids)` after every step with the whole answer so far, masks still in place; masked
-    positions are drawn as `mask_symbol`. Every draft is kept in `self.drafts`; override `on_draft_text` to send
-    drafts elsewhere (a UI, a log) and `on_finalized_text` for the committed text, as with `TextStreamer`.
+    `put_draft(value=canvas_ids)` after every step with the canvas: the answer from the block being decoded on,
+    masks still in place (what `put` has not had yet, so transformers' class, which prints the draft after the
+    committed text, shows each piece once). This class shows the whole answer in its drafts (the committed blocks,
+    then the canvas); masked positions are drawn as `mask_symbol`. Every draft is kept in `self.drafts`; override
+    `on_draft_text` to send drafts elsewhere (a UI, a log) and `on_finalized_text` for the committed text, as with
+    `TextStreamer`.
 
     On a terminal (`live`, default: whether stdout is one) the draft is redrawn in place under `prefix` (e.g.
     "model> "), clipped to the screen, and the final answer replaces it and stays. Elsewhere (a pipe, a file) the
@@ -192,6 +195,7 @@ class TextDiffusionStreamer(TransformersTextDiffusionStreamer):
         self._awaiting_prompt = True  # `generate` puts the prompt first
         self._prompt_text = ""  # the prompt as shown (when not skipped), redrawn with each draft
         self._committed_text = ""  # what `on_finalized_text` received so far
+        self._committed_ids: list[int] = []  # the answer's committed blocks (uncut): drafts continue them
         self._ended = False  # an end token was committed: the rest is not shown
         self._prefix_printed = False
         self._rows_above = 0  # terminal rows of the drawn area above the cursor
@@ -209,6 +213,7 @@ class TextDiffusionStreamer(TransformersTextDiffusionStreamer):
                 self._prompt_text = self.tokenizer.decode(ids, **self.decode_kwargs)
             super().put(ids)
             return
+        self._committed_ids += ids.tolist()
         if self._ended:
             return
         if self.eos_token_ids is not None:
@@ -218,10 +223,10 @@ class TextDiffusionStreamer(TransformersTextDiffusionStreamer):
         super().put(ids)
 
     def put_draft(self, value: torch.LongTensor, **kwargs) -> None:
-        """Receive the current answer ([answer] or [1, answer]) with masks still in place."""
+        """Receive the canvas ([n] or [1, n]): the answer after the committed blocks, masks still in place."""
         if value.dim() > 1 and value.shape[0] > 1:
             raise ValueError("TextDiffusionStreamer only supports batch size 1")
-        ids = value.reshape(-1).tolist()
+        ids = self._committed_ids + value.reshape(-1).tolist()
         if self.eos_token_ids is not None:
             ids = truncate_at_eos([ids], self.eos_token_ids)[0]
         text = render_draft(ids, self.tokenizer, self.mask_token_id, self.mask_symbol, **self.decode_kwargs)

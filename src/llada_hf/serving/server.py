@@ -1,6 +1,7 @@
-"""`llada-hf serve`: its flags, the model loading (one process, or tensor parallel under `torchrun`), and uvicorn.
+"""`llada-hf serve`: the model loading (one process, or tensor parallel under `torchrun`), and uvicorn.
 
-Nothing here imports FastAPI or uvicorn until the server starts, so `llada-hf --help` works without them.
+Nothing here imports FastAPI or uvicorn until the server starts. The flags (`add_serve_options`) are declared with the
+CLI's parser in `llada_hf_cli`, which imports nothing heavy.
 """
 
 import argparse
@@ -9,34 +10,10 @@ import logging
 import os
 import signal
 
+from llada_hf_cli import add_serve_options  # noqa: F401  (its former home)
+
 
 logger = logging.getLogger("llada_hf.serve")
-
-
-def add_serve_options(parser: argparse.ArgumentParser) -> None:
-    """The flags of `llada-hf serve` (the generation flags are added by the CLI: they are the defaults)."""
-    group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    group.add_argument("--port", type=int, default=8000)
-    group.add_argument("--api-key", default=os.environ.get("LLADA_HF_API_KEY"),
-                       help="require `Authorization: Bearer KEY` on /v1/* and /metrics (default: $LLADA_HF_API_KEY)")
-    group.add_argument("--served-model-name", help="the `model` id clients pass (default: the folder's name)")
-    group.add_argument("--max-batch", type=int, default=32, help="rows decoded at once (default: 32)")
-    group.add_argument("--max-queue", type=int, default=256,
-                       help="requests waiting beyond the running ones; more get 429 (default: 256)")
-    group.add_argument("--max-tokens-limit", type=int, default=None,
-                       help="largest max_tokens a request may ask for (default: the model's context)")
-    group.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
-    group.add_argument("--batch-wait-ms", type=float, default=20.0,
-                       help="when idle, wait up to this long for requests received together with the first one, so "
-                            "that they start together; a lone request never waits (default: 20)")
-    group.add_argument("--step-delay", type=float, default=0.0,
-                       help="seconds to pause after each step, to watch a tiny model denoise (default: 0)")
-    group.add_argument("--shutdown-grace", type=float, default=10.0,
-                       help="on SIGTERM, seconds running answers may take to finish before they are cancelled")
-    group.add_argument("--tensor-parallel", action="store_true",
-                       help="shard the model over the processes of `torchrun` (transformers' tp_plan='auto')")
-    group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def check_serve_args(args: argparse.Namespace) -> None:

@@ -1,0 +1,231 @@
+"""The front of the `llada-hf` command: its parser and the dispatch to the commands, importing nothing heavy.
+
+`llada-hf --help`, every subcommand's `--help` and argument errors answer at once: torch, transformers and the
+`llada_hf` package (whose import registers the models with transformers' Auto classes, so it imports both) are
+imported only when a command runs. The commands live in `llada_hf.cli`; this is a top-level module because
+importing any module of `llada_hf` first imports the package. (`train` and `eval` parse their own flags with TRL's
+and lm_eval's parsers, so their `--help` imports those.)
+"""
+
+import argparse
+import importlib
+import sys
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+# ---- generate, chat and serve ----------------------------------------------------------------------
+
+
+# (name, type, choices, help) of every generation flag: transformers' fields that keep their meaning
+# (`HONOURED_FIELDS`), then each setting of `DIFFUSION_OPTIONS` that has a CLI type. Written out here so that
+# building the parser needs no torch; tests/test_cli.py checks that it matches `llada_hf.generation_llada`.
+GENERATION_FLAGS: tuple[tuple[str, type, tuple | None, str], ...] = (
+    ("max_new_tokens", int, None, "answer length (masked positions appended to the prompt)"),
+    ("min_new_tokens", int, None, "EOS/EoT are not candidates at the first N answer positions"),
+    ("temperature", float, None, "0 = greedy; otherwise candidates are sampled from softmax(logits / T)"),
+    ("top_k", int, None, "sampling: keep the k most likely candidates"),
+    ("top_p", float, None, "sampling: nucleus filtering of the candidates"),
+    ("min_p", float, None, "sampling: min-p filtering of the candidates"),
+    ("steps", int, None, "total denoising steps over the answer (default: one per answer token)"),
+    ("block_length", int, None, "semi-autoregressive block size (default: the whole answer, one block)"),
+    ("remasking", str, None, "how masked candidates are scored: low_confidence, random, margin, entropy"),
+    ("cfg_scale", float, None, "classifier-free guidance scale w (0 = off)"),
+    ("logits_eos_inf", bool, None, "forbid EOS as a candidate"),
+    ("logits_mask_inf", bool, None, "forbid the mask token as a candidate (the official sampler allows it)"),
+    ("confidence_eos_eot_inf", bool, None, "commit EOS/EoT candidates only when nothing else is left in the block"),
+    ("score_dtype", str, ("float32", "float64"),
+     "dtype of the low-confidence score (default: the logits' own, as the official sampler)"),
+    ("early_exit", bool, None, "stop a row once its answer is decided up to an EOS (the rest is filled with EOS)"),
+    ("kv_cache", str, ("prefix", "dual"), "Fast-dLLM key/value cache: prefix or dual (default: none)"),
+    ("confidence_threshold", float, None, "parallel decoding: also commit every candidate whose score reaches tau"),
+    ("parallel_factor", float, None,
+     "parallel decoding: commit the leading run of sorted scores with c_n >= 1 - f / (n + 1)"),
+    ("entropy_bound", float, None,
+     "parallel decoding (EB-sampler): commit the best candidates while their summed entropy minus the largest stays "
+     "<= bound"),
+    ("canvas_tail", int, None, "run only the block and this many positions after it (a bounded canvas; default: all)"),
+    ("allow_beyond_context", bool, None,
+     "warn instead of refusing when prompt + answer exceed max_position_embeddings"),
+)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation (defaults: the checkpoint's generation_config)")
+    for name, kind, choices, help_text in GENERATION_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            group.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, choices=choices, help=help_text.replace("%", "%%"))
+    group.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto", help=", ".join(DTYPES))
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+
+
+def add_image_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--image", action="append", metavar="PATH", help=help_text)
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of `llada-hf serve` (the generation flags are added by `build_parser`: they are the defaults)."""
+    import os
+
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--api-key", default=os.environ.get("LLADA_HF_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on /v1/* and /metrics (default: $LLADA_HF_API_KEY)")
+    group.add_argument("--served-model-name", help="the `model` id clients pass (default: the folder's name)")
+    group.add_argument("--max-batch", type=int, default=32, help="rows decoded at once (default: 32)")
+    group.add_argument("--max-queue", type=int, default=256,
+                       help="requests waiting beyond the running ones; more get 429 (default: 256)")
+    group.add_argument("--max-tokens-limit", type=int, default=None,
+                       help="largest max_tokens a request may ask for (default: the model's context)")
+    group.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    group.add_argument("--batch-wait-ms", type=float, default=20.0,
+                       help="when idle, wait up to this long for requests received together with the first one, so "
+                            "that they start together; a lone request never waits (default: 20)")
+    group.add_argument("--step-delay", type=float, default=0.0,
+                       help="seconds to pause after each step, to watch a tiny model denoise (default: 0)")
+    group.add_argument("--shutdown-grace", type=float, default=10.0,
+                       help="on SIGTERM, seconds running answers may take to finish before they are cancelled")
+    group.add_argument("--tensor-parallel", action="store_true",
+                       help="shard the model over the processes of `torchrun` (transformers' tp_plan='auto')")
+    group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+# ---- the parser ----------------------------------------------------------------------------------
+
+
+DEMO_OUTPUT_DIR = "outputs/demo"
+
+
+def command(name: str):
+    """`llada_hf.cli.<name>`, imported when the command runs (not when the parser is built)."""
+
+    def run(args):
+        return getattr(importlib.import_module("llada_hf.cli"), name)(args)
+
+    run.__name__ = run.__qualname__ = name
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llada-hf", description="LLaDA masked diffusion language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the reversal experiment in miniature (the main job)")
+    demo.add_argument("--output-dir", default=DEMO_OUTPUT_DIR)
+    demo.add_argument("--seed", type=int, default=0)
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a smoke run in under a minute")
+    size.add_argument("--large", action="store_true", help="a bigger run that shows the effect more strongly")
+    demo.add_argument("--vision", action="store_true",
+                      help="the LLaDA-V miniature instead: three training stages on pictures, beside an AR LLaVA")
+    demo.set_defaults(func=command("cmd_demo"))
+
+    generate = sub.add_parser("generate", help="generate answers to prompts")
+    generate.add_argument("model", help="a saved model folder")
+    generate.add_argument("prompt", nargs="+", help="one or more prompts (one answer each)")
+    generate.add_argument("--join", action="store_true", help="join the words into a single prompt")
+    generate.add_argument("--chat", action="store_true",
+                          help="apply the chat template to each prompt (always done for a vision model)")
+    add_image_option(generate, "an image each prompt asks about (LLaDA-V models); repeat it for several images")
+    generate.add_argument("--stream", action="store_true", help="show the drafts while denoising")
+    generate.add_argument("--visualize", metavar="PNG", help="write the decoding-order picture here")
+    generate.add_argument("--quiet", action="store_true", help="no progress bar (there is none when piped)")
+    add_generation_options(generate)
+    generate.set_defaults(func=command("cmd_generate"))
+
+    chat = sub.add_parser("chat", help="multi-turn chat in the terminal with live drafts")
+    chat.add_argument("model", help="a saved model folder")
+    chat.add_argument("--system", help="a system message")
+    add_image_option(chat, "an image the first question is about (LLaDA-V models); repeat it for several images")
+    add_generation_options(chat)
+    chat.set_defaults(func=command("cmd_chat"))
+
+    tune = sub.add_parser("tune", help="measure decoding settings on a dev set: accuracy vs speed, save the best")
+    tune.add_argument("model", help="a saved model folder")
+    tune.add_argument("--dev", required=True, help="a JSON/JSONL file of {'prompt': ..., 'completion': ...} records")
+    tune.add_argument("--max-new-tokens", type=int, default=64)
+    tune.add_argument("--trials", type=int, default=12, help="settings to measure, the defaults included")
+    tune.add_argument("--batch-size", type=int, default=8)
+    tune.add_argument("--seed", type=int, default=0, help="which settings are drawn")
+    tune.add_argument("--plot", metavar="PNG", help="draw accuracy against answer tokens/s here")
+    tune.add_argument("--save", action="store_true", help="write the chosen setting into generation_config.json")
+    tune.add_argument("--dtype", default="auto", help=", ".join(DTYPES))
+    tune.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    tune.set_defaults(func=command("cmd_tune"))
+
+    publish = sub.add_parser("publish", help="upload a saved model or adapter folder to the Hub in one commit")
+    publish.add_argument("path", help="a folder written by save_pretrained (model or LoRA adapter)")
+    publish.add_argument("repo_id", help="owner/name on the Hub")
+    publish.add_argument("--private", action="store_true", help="create the repository as private")
+    publish.add_argument("--dry-run", action="store_true", help="list the files and render the card; upload nothing")
+    publish.add_argument("--base-model", help="Hub id of the base model (for adapters and fine-tunes)")
+    publish.set_defaults(func=command("cmd_publish"))
+
+    export = sub.add_parser("export", help="write the official GSAI-ML layout or a GGUF file (llama.cpp)")
+    export.add_argument("model", help="a saved model folder (or LoRA adapter folder, merged into its base)")
+    export.add_argument("output", help="the folder (--format official) or file, e.g. model.gguf (--format gguf)")
+    export.add_argument("--format", required=True, choices=["official", "gguf"])
+    export.add_argument("--dtype", choices=["f16", "f32", "q8_0"], help="gguf: weight type (default f16)")
+    export.add_argument("--tokenizer-pre", help="gguf: llama.cpp's pre-tokenizer name, when it cannot be detected")
+    export.add_argument("--ship-bundle", action="store_true",
+                        help="official: auto_map points at llada-hf's code, copied beside the weights")
+    export.add_argument("--code-repo", help="official: Hub repo of the official code (GSAI-ML/LLaDA-8B-Instruct)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.set_defaults(func=command("cmd_export"))
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server: step-level batching, streamed drafts, a web "
+                                         "page (generation flags: the defaults of every request)")
+    serve.add_argument("model", help="a saved model folder")
+    add_serve_options(serve)
+    add_generation_options(serve)
+    serve.set_defaults(func=command("cmd_serve"))
+
+    train = sub.add_parser("train", help="fine-tune with DiffusionSFTTrainer (flags: DiffusionSFTConfig fields)",
+                           add_help=False)
+    train.set_defaults(func=None)
+    sub.add_parser("eval", help="lm-evaluation-harness with the llada_hf model (flags: lm_eval's)", add_help=False)
+    return parser
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+
+def quiet_when_logged() -> None:
+    """No progress bars from transformers ("Loading weights") and datasets ("Generating train split") when stderr
+    is not a terminal: in a log file they are only noise. (Imports both: call it when a command runs.)"""
+    if not sys.stderr.isatty():
+        from llada_hf.quiet import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] in ("train", "eval"):  # these parse their own flags (TRL's / lm_eval's parser)
+            quiet_when_logged()
+            command("cmd_train" if argv[0] == "train" else "cmd_eval")(argv[1:])
+            return 0
+        args = build_parser().parse_args(argv)
+        quiet_when_logged()
+        args.func(args)
+        return 0
+    except (CliError, ValueError, TypeError, OSError, RuntimeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"llada-hf: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
