@@ -97,6 +97,9 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tensor-parallel", action="store_true",
                        help="shard the model over the processes of `torchrun` (transformers' tp_plan='auto')")
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    group.add_argument("--trust-special-tokens", action="store_true",
+                       help="tokenize special tokens written in chat messages (<|mdm_mask|>, <|eot_id|>, ...) as "
+                            "control tokens; by default message text is text, for clients you do not control")
 
 
 # ---- the parser ----------------------------------------------------------------------------------

@@ -150,9 +150,12 @@ def chat_inputs(processor, conversations: list[list[dict]], device: str) -> dict
         return processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
                                              return_dict=True, return_tensors="pt",
                                              processor_kwargs={"padding": True}).to(device)
-    texts = [processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-             for messages in conversations]
-    return text_inputs(processor, texts, device)
+    from .generation_llada import left_pad
+    from .tokenization import chat_prompt_ids
+
+    # special tokens come only from the template: text a user typed is text (`chat_prompt_ids`)
+    ids, mask = left_pad([chat_prompt_ids(processor, messages) for messages in conversations], processor.pad_token_id)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def text_inputs(tokenizer, texts: list[str], device: str) -> dict:

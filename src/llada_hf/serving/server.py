@@ -106,13 +106,13 @@ def run_from_args(args: argparse.Namespace) -> None:
           model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
           defaults=generation_kwargs(args), max_tokens_limit=args.max_tokens_limit,
           max_body_bytes=args.max_body_bytes, shutdown_grace=args.shutdown_grace, log_level=args.log_level,
-          end_token_ids=ends)
+          end_token_ids=ends, trust_special_tokens=args.trust_special_tokens)
 
 
 def serve(model, tokenizer, scheduler, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str = "llada", defaults: dict | None = None, max_tokens_limit: int | None = None,
           max_body_bytes: int = 1 << 20, shutdown_grace: float = 10.0, log_level: str = "info",
-          end_token_ids: list[int] | None = None) -> None:
+          end_token_ids: list[int] | None = None, trust_special_tokens: bool = False) -> None:
     """Serve `model` with uvicorn until SIGINT/SIGTERM; on the signal, running answers get `shutdown_grace`
     seconds to finish, then are cancelled (their clients get an error), and the process exits."""
     import uvicorn
@@ -125,7 +125,7 @@ def serve(model, tokenizer, scheduler, host: str = "127.0.0.1", port: int = 8000
     context = getattr(model.config, "max_position_embeddings", None)
     config = ServerConfig(model_name=model_name, api_key=api_key, defaults=dict(defaults or {}),
                           max_tokens_limit=max_tokens_limit or context or 4096, max_body_bytes=max_body_bytes,
-                          context=context)
+                          context=context, trust_special_tokens=trust_special_tokens)
     ends = end_token_ids if end_token_ids is not None else find_end_token_ids(tokenizer, model.generation_config)
     app = create_app(model, tokenizer, scheduler, config, ends)
     uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
