@@ -160,6 +160,14 @@ def test_lm_eval_command_line_splits_the_work_over_processes(workspace):
     _check_against_direct_calls(dict(results, samples=samples), lm.model, lm.tokenizer)
 
 
+def test_model_args_win_over_lm_evals_own_flags(workspace):
+    """`--model_args ...,device=cpu` together with lm-eval's `--device` / `--batch_size` (which lm-eval passes as
+    well) builds the model instead of failing with "multiple values for 'device'"."""
+    lm = LladaEvalHarness.create_from_arg_string(f"pretrained={workspace / 'model'},device=cpu,batch_size=3",
+                                                 {"device": "cuda:0", "batch_size": 2, "max_batch_size": None})
+    assert lm._device == torch.device("cpu") and lm.batch_size == 3
+
+
 def test_bad_settings_are_clear_errors(workspace):
     with pytest.raises(ValueError, match="no 'auto'"):
         LladaEvalHarness(str(workspace / "model"), batch_size="auto", device="cpu")

@@ -107,6 +107,17 @@ class LladaEvalHarness(TemplateLM):
 
     # -- set-up ----------------------------------------------------------------------------------------
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "LladaEvalHarness":
+        """Build from lm-eval's `--model_args` string; a setting named there (e.g. `device=cpu`) wins over the same
+        setting of lm-eval's own flags (`--device`, `--batch_size`), which lm-eval's base class would pass twice."""
+        from lm_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        extra = {key: value for key, value in (additional_config or {}).items()
+                 if value is not None and key not in args}
+        return cls(**args, **extra)
+
     def _pick_device(self, device: str | None) -> str:
         if self._world_size > 1:  # accelerate chose one device per process
             return str(self._state.device)
