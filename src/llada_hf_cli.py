@@ -9,6 +9,7 @@ and lm_eval's parsers, so their `--help` imports those.)
 
 import argparse
 import importlib
+import os
 import sys
 
 
@@ -73,7 +74,6 @@ def add_image_option(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     """The flags of `llada-hf serve` (the generation flags are added by `build_parser`: they are the defaults)."""
-    import os
 
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -211,6 +211,20 @@ def quiet_when_logged() -> None:
         disable_progress_bars()
 
 
+def is_user_error(error: BaseException) -> bool:
+    """A mistake the user can fix from its message: the CLI's own checks, the environment (missing files,
+    permissions, a package not installed), and the `ValueError`/`TypeError` that llada-hf's checks raise. A
+    `ValueError`/`TypeError` raised anywhere else (torch, transformers internals) is treated as a bug."""
+    if isinstance(error, (CliError, OSError, ImportError)):
+        return True
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    where = os.path.abspath(frame.tb_frame.f_code.co_filename) if frame is not None else ""
+    package = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llada_hf")
+    return where.startswith(package + os.sep) or where == os.path.abspath(__file__)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -222,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         quiet_when_logged()
         args.func(args)
         return 0
-    except (CliError, ValueError, TypeError, OSError, RuntimeError) as error:
+    except (CliError, ValueError, TypeError, OSError, ImportError) as error:
+        if os.environ.get("LLADA_HF_DEBUG") or not is_user_error(error):
+            raise  # a bug (or a debugging user): the whole traceback
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"llada-hf: error: {message}", file=sys.stderr)
+        print(f"llada-hf: error: {message} (LLADA_HF_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -161,3 +161,67 @@ def test_chat_shows_and_remembers_the_answer_up_to_its_end_token(saved_model, fi
     assert out.count("model>  cat\n") == 2 and "dog" not in out
     second_prompt = tokenizer.decode(fixed_answer[1][0])
     assert f"assistant<|end_header_id|>\n\ncat{EOT}" in second_prompt and "dog" not in second_prompt
+
+
+def test_dataset_files_that_cannot_be_read_are_one_line(tmp_path, saved_model, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert main(["tune", saved_model, "--dev", str(empty)]) == 1
+    assert f"{empty} is empty" in one_line_error(capsys)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "caf\xe9", "answer": "x"}\n')
+    assert main(["tune", saved_model, "--dev", str(latin)]) == 1
+    assert f"{latin} is not UTF-8 text" in one_line_error(capsys)
+
+
+def test_export_refuses_what_it_cannot_write_in_one_line(tmp_path, saved_model, capsys, monkeypatch):
+    import builtins
+    import sys
+
+    from llada_v_helpers import tiny_processor, write_official_checkpoint
+
+    vision = tmp_path / "llada-v"
+    write_official_checkpoint(vision)
+    tiny_processor().save_pretrained(vision)
+    assert main(["export", str(vision), str(tmp_path / "out"), "--format", "official"]) == 1
+    assert "export takes a text LLaDA model" in one_line_error(capsys)
+    real_import = builtins.__import__
+
+    def without_gguf(name, *args, **kwargs):
+        if name == "gguf":
+            raise ModuleNotFoundError("No module named 'gguf'", name="gguf")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "llada_hf.export.gguf", raising=False)
+    monkeypatch.setattr(builtins, "__import__", without_gguf)
+    assert main(["export", saved_model, str(tmp_path / "model.gguf"), "--format", "gguf"]) == 1
+    assert "--format gguf needs the `gguf` package: pip install" in one_line_error(capsys)
+
+
+def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors_whole(saved_model, capsys, monkeypatch):
+    """User errors are one line; an error raised outside llada-hf's checks (here: inside torch) is a bug and keeps
+    its traceback; LLADA_HF_DEBUG=1 shows the traceback of a user error too."""
+    import llada_hf_cli
+
+    def broken(*args, **kwargs):
+        return torch.ones(2) @ torch.ones(3)  # a RuntimeError deep in torch, as a bug in the engine would raise
+
+    monkeypatch.setattr(LladaForMaskedDiffusion, "generate", broken)
+    with pytest.raises(RuntimeError):
+        main(["generate", saved_model, "hi"])
+    error = ValueError("a check")
+    assert not llada_hf_cli.is_user_error(_raised_in_torch())
+    try:
+        raise error
+    except ValueError as caught:
+        assert llada_hf_cli.is_user_error(caught) is False  # raised in this test file, not by llada-hf's checks
+    monkeypatch.setenv("LLADA_HF_DEBUG", "1")
+    with pytest.raises(llada_hf_cli.CliError, match="finite"):
+        main(["generate", saved_model, "hi", "--temperature", "nan"])
+
+
+def _raised_in_torch() -> BaseException:
+    try:
+        torch.zeros(2).view(3)
+    except RuntimeError as error:
+        return error

@@ -155,6 +155,7 @@ def test_serve_refuses_bad_flags_in_one_line(model_dir, tmp_path, capsys):
     assert exit_info.value.code == 0 and "--max-batch" in capsys.readouterr().out
     for argv, text in [([str(tmp_path / "missing")], "No such folder"),
                        ([model_dir, "--max-batch", "0"], "--max-batch"),
+                       ([model_dir, "--port", "70000"], "--port must lie in 0..65535"),
                        ([model_dir, "--tensor-parallel"], "torchrun")]:
         assert main(["serve", *argv]) == 1
         err = capsys.readouterr().err.strip()

@@ -351,9 +351,15 @@ def check_dataset_path(path: str) -> None:
 
 
 def check_json_records(path: str) -> None:
-    """A JSON document, or JSON lines with one object per line; else name the first bad line."""
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
+    """A JSON document, or JSON lines with one object per line, with at least one record; else name the file and
+    the first bad line."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except UnicodeDecodeError as error:
+        raise CliError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8.") from None
+    if not text.strip():
+        raise CliError(f"{path} is empty: write one JSON record per line.")
     try:
         json.loads(text)  # a whole JSON document (datasets reads a list of records or a dict of columns)
         return

@@ -46,7 +46,11 @@ def export_checkpoint(
     check_output(output, overwrite=overwrite, folder=format == "official")
     model, tokenizer = load_for_export(model_path)
     if format == "gguf":
-        from .gguf import export_gguf
+        try:
+            from .gguf import export_gguf
+        except ModuleNotFoundError as error:
+            raise ImportError(f"--format gguf needs the `{error.name}` package: pip install 'llada-hf[export]' (or "
+                              f"pip install -e '.[export]' in a checkout).") from error
 
         return export_gguf(model, tokenizer, output, dtype=dtype or "f16", tokenizer_pre=tokenizer_pre,
                            overwrite=overwrite)
@@ -69,6 +73,12 @@ def load_for_export(model_path: str | Path):
     check_local_folder(model_path)
     adapter_config = Path(model_path) / "adapter_config.json"
     if not adapter_config.is_file():
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(model_path).model_type
+        if model_type != "llada":
+            raise TypeError(f"{model_path} holds a `{model_type}` model; export takes a text LLaDA model (the "
+                            "official layout and llama.cpp have no LLaDA-V format).")
         return AutoModel.from_pretrained(model_path, dtype="auto").eval(), AutoTokenizer.from_pretrained(model_path)
     from peft import PeftModel
 

@@ -23,6 +23,8 @@ def check_serve_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is None or value < (0 if name == "port" else 1):
             raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+    if args.port > 65535:
+        raise CliError(f"--port must lie in 0..65535, got {args.port}.")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise CliError(f"--max-tokens-limit must be a positive integer, got {args.max_tokens_limit}.")
     for name in ("batch_wait_ms", "step_delay", "shutdown_grace"):
