@@ -240,10 +240,21 @@ def test_sampling_with_a_seed_repeats_and_n_gives_n_choices(server):
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "suffix": "end"}, 400, "suffix"),
     ("/v1/completions", {"model": "tiny", "prompt": [10**9]}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": "word " * 300, "max_tokens": 8}, 400, "messages"),
+    # strict types, as OpenAI: a boolean is no count and no token id, NaN no number
+    ("/v1/chat/completions", chat_body("hi", max_tokens=True), 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": [True, False]}, 400, None),
+    ("/v1/chat/completions", chat_body("hi", temperature=float("nan")), 400, "temperature"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is it?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "messages"),
 ])
 def test_bad_requests_get_openai_errors(server, path, body, status, param):
     got, _, answer = request_json(server.url + path, body)
     assert got == status, answer
+    if param == "temperature" and status == 400 and body.get("temperature") != body.get("temperature"):
+        assert "finite number" in answer["error"]["message"]  # NaN is named as such, not as out of range
+    if param == "messages" and "image_url" in str(body):
+        assert "takes no images" in answer["error"]["message"]
     if status != 200:
         assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
         if param is not None:
@@ -293,6 +304,9 @@ def test_the_api_key_is_enforced(model_and_tokenizer):
         assert status == 200, answer
         assert request_json(server.url + "/health")[2]["auth"] is True  # the page learns that it needs a key
         assert request_json(server.url + "/")[0] == 200  # the page itself is public; its API calls are not
+        assert request_json(server.url + "/openapi.json")[0] == 401  # so is the schema
+        status, _, schema = request_json(server.url + "/openapi.json", headers={"Authorization": "Bearer s3cret"})
+        assert status == 200 and "/v1/chat/completions" in schema["paths"]
 
 
 def test_a_full_queue_answers_429_with_retry_after(model_and_tokenizer):

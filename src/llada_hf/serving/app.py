@@ -71,7 +71,9 @@ def create_app(model, tokenizer, scheduler: Scheduler, config: ServerConfig, end
         yield
         scheduler.stop()
 
-    app = FastAPI(title="llada-hf", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # With an API key the schema is served behind it too (below), not to anyone who asks.
+    app = FastAPI(title="llada-hf", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None if config.api_key else "/openapi.json")
     app.state.scheduler = scheduler
     app.state.config = config
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
@@ -111,6 +113,11 @@ def create_app(model, tokenizer, scheduler: Scheduler, config: ServerConfig, end
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
             raise OpenAIError(401, "Incorrect or missing API key: pass `Authorization: Bearer <key>`.",
                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    if config.api_key:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
+        async def openapi_schema():
+            return JSONResponse(app.openapi())
 
     # ---- the page, health, models, metrics --------------------------------------------------------
 
@@ -208,6 +215,9 @@ def create_app(model, tokenizer, scheduler: Scheduler, config: ServerConfig, end
         settings, stop = check_common(body)
         if getattr(tokenizer, "chat_template", None) is None:
             raise OpenAIError(400, "This model's tokenizer has no chat template; use /v1/completions.",
+                              param="messages")
+        if any(message.has_images() for message in body.messages):
+            raise OpenAIError(400, "This model takes no images: it is a text model. Send text content only.",
                               param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]

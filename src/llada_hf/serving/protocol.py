@@ -94,7 +94,9 @@ REFUSED_OPENAI_FIELDS: dict[str, tuple[tuple, str]] = {
 
 
 class _OpenAIFields(DiffusionFields):
-    model_config = ConfigDict(extra="forbid")
+    # Strict types, as OpenAI's API: `true` is no token count and no token id, "5" no integer; NaN and inf are no
+    # numbers (a non-strict model would read `"max_tokens": true` as 1 and `"prompt": [true, false]` as ids 1, 0).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -144,17 +146,31 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class ImagePart(BaseModel):
+    """An OpenAI `image_url` content part: part of the schema, so that a model that takes no images can say so."""
+
     model_config = ConfigDict(extra="forbid")
 
+    type: Literal["image_url"]
+    image_url: dict[str, Any]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
+
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(isinstance(part, ImagePart) for part in self.content)
 
     def text(self) -> str:
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
 
 
 class ChatCompletionRequest(_OpenAIFields):
