@@ -164,3 +164,21 @@ def test_alignment_numbers_must_be_finite_and_in_range(tmp_path, config, field, 
 
     with pytest.raises(ValueError, match=rf"`{field}` must be a finite number"):
         getattr(trainers, config)(output_dir=str(tmp_path), **{field: value})
+
+
+def test_rows_and_images_that_cannot_train_are_named(tmp_path):
+    from PIL import Image
+
+    from llada_hf.processing_llada_v import official_image_processor
+    from llada_hf.trainers.sft import check_dataset_format
+    from llada_hf.trainers.vision import load_image
+
+    data = Dataset.from_dict({"prompt": ["2+2=", "3+3="], "completion": ["4", None]})
+    with pytest.raises(ValueError, match="Row 1 of the train dataset has no prompt or no completion"):
+        check_dataset_format(data, "text", "train")
+    with pytest.raises(ValueError, match=r"image is empty \(0 x 0 pixels\)"):
+        load_image(Image.new("RGB", (0, 0)))
+    with pytest.raises(ValueError, match="`pinpoints` must be a non-empty list"):
+        official_image_processor(28, [])
+    with pytest.raises(ValueError, match="`crop_size` must be a positive number"):
+        official_image_processor(0)

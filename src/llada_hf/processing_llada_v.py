@@ -53,6 +53,11 @@ LLADA_V_CHAT_TEMPLATE = (
 
 def official_image_processor(crop_size: int = 384, pinpoints: list | None = None) -> LlavaOnevisionImageProcessorPil:
     """The official LLaDA-V image preprocessing (SigLIP crops of `crop_size`, mean = std = 0.5, bicubic)."""
+    if not (isinstance(crop_size, int) and not isinstance(crop_size, bool) and crop_size > 0):
+        raise ValueError(f"`crop_size` must be a positive number of pixels, got {crop_size!r}.")
+    if pinpoints is not None and (not pinpoints or any(len(pair) != 2 or min(pair) <= 0 for pair in pinpoints)):
+        raise ValueError(f"`pinpoints` must be a non-empty list of [height, width] resolutions (e.g. [[{crop_size}, "
+                         f"{crop_size}]]), got {pinpoints!r}; None gives the official grid.")
     return LlavaOnevisionImageProcessorPil(
         size={"height": crop_size, "width": crop_size},
         image_mean=[0.5, 0.5, 0.5],

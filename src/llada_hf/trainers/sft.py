@@ -113,6 +113,12 @@ def check_dataset_format(dataset: Dataset | IterableDataset, text_field: str, na
             f"The {name} dataset is empty (a conversational dataset needs at least one assistant turn to train on)."
         )
     columns = set(get_dataset_column_names(dataset))
+    if {"prompt", "completion"} <= columns and isinstance(dataset, Dataset):
+        missing = next((i for i, row in enumerate(dataset.select_columns(["prompt", "completion"]))
+                        if row["prompt"] is None or row["completion"] is None), None)
+        if missing is not None:
+            raise ValueError(f"Row {missing} of the {name} dataset has no prompt or no completion (None): drop it or "
+                             "fill it in.")
     if {"prompt", "completion"} <= columns or text_field in columns or "input_ids" in columns:
         return
     raise ValueError(

@@ -55,6 +55,9 @@ def load_image(image: Any) -> Image.Image:
             f"An example's image is a {type(image).__name__}; pass PIL images, image file paths or a `datasets` "
             "Image column."
         )
+    if min(image.size) == 0:
+        raise ValueError(f"An example's image is empty ({image.width} x {image.height} pixels); drop the row or give "
+                         "it a real image.")
     try:
         return image.convert("RGB")
     except (ValueError, OSError) as error:
