@@ -113,7 +113,9 @@ def check_dataset_format(dataset: Dataset | IterableDataset, text_field: str, na
             f"The {name} dataset is empty (a conversational dataset needs at least one assistant turn to train on)."
         )
     columns = set(get_dataset_column_names(dataset))
-    if {"prompt", "completion"} <= columns and isinstance(dataset, Dataset):
+    has_nulls = isinstance(dataset, Dataset) and {"prompt", "completion"} <= columns and any(
+        dataset.data.column(name).null_count for name in ("prompt", "completion"))  # Arrow counts: no row is read
+    if has_nulls:
         missing = next((i for i, row in enumerate(dataset.select_columns(["prompt", "completion"]))
                         if row["prompt"] is None or row["completion"] is None), None)
         if missing is not None:
