@@ -110,3 +110,18 @@ def test_pixel_values_of_the_wrong_shape_or_type_are_refused(processor, model):
     flat = inputs["pixel_values"][0]  # [all crops, C, H, W] is accepted too
     with torch.no_grad():
         assert torch.equal(model(ids, pixel_values=flat, image_sizes=sizes).logits, model(**inputs).logits)
+
+
+def test_a_flat_image_list_is_grouped_by_the_prompts_placeholders():
+    """`images=[a, b]` and `images=[[a, b]]` pack one two-image prompt the same way (one base crop per image);
+    a count that does not match the placeholders is refused."""
+    from llada_v_helpers import tiny_processor
+
+    processor = tiny_processor()
+    a, b = Image.new("RGB", (70, 40)), Image.new("RGB", (30, 50))
+    text = "<image>\n<image>\nWhat is in the images?"
+    flat, nested = (processor(images=images, text=[text], return_tensors="pt") for images in ([a, b], [[a, b]]))
+    assert torch.equal(flat["input_ids"], nested["input_ids"]) and flat["batch_num_images"].tolist() == [2]
+    assert torch.equal(flat["pixel_values"], nested["pixel_values"])
+    with pytest.raises(ValueError, match=r"number of images \(3\) differs from the `<image>` placeholders"):
+        processor(images=[a, b, a], text=[text], return_tensors="pt")

@@ -164,7 +164,7 @@ class LladaVProcessor(ProcessorMixin):
             raise ValueError(
                 f"Cannot read an image ({error}). Pass PIL images, or paths / URLs of image files (PNG, JPEG, ...)."
             ) from error
-        return (official_rgb(images) if images is not None else None), text, videos, audio
+        return (official_rgb(group_images(images, text)) if images is not None else None), text, videos, audio
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The placeholders of image `image_idx`: one per feature the model will put there."""
@@ -182,6 +182,25 @@ class LladaVProcessor(ProcessorMixin):
             anyres=per_prompt[prompt] == 1,
         )
         return self.image_token * count
+
+
+def group_images(images, text):
+    """A flat list of images goes to the prompts in order, as many to each prompt as it has `<image>` placeholders:
+    `images=[a, b]` with one prompt holding two `<image>` is that prompt's two images (as `[[a, b]]`), not two
+    one-image prompts. One rule for both spellings, so the same prompt is packed the same way (several images in
+    one prompt: one base crop each, as the official code)."""
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(images, (list, tuple)) or not texts or any(isinstance(i, (list, tuple)) for i in images):
+        return images
+    counts = [t.count(IMAGE_TOKEN) for t in texts]
+    if sum(counts) != len(images):
+        raise ValueError(f"The number of images ({len(images)}) differs from the `{IMAGE_TOKEN}` placeholders in the "
+                         f"text ({sum(counts)}): give each image a placeholder, or pass a list of images per prompt.")
+    grouped, start = [], 0
+    for count in counts:
+        grouped.append(list(images[start : start + count]))
+        start += count
+    return grouped
 
 
 def official_rgb(images):
