@@ -486,3 +486,25 @@ def test_cli_train_reads_image_paths_relative_to_the_dataset_file(tmp_path, proc
                  "--per_device_train_batch_size", "2", "--report_to", "none", "--gradient_checkpointing", "false"])
     assert code == 0
     assert (tmp_path / "trained" / "model.safetensors").is_file()
+
+
+def test_cli_train_stage_from_an_official_folder(tmp_path):
+    """`llada-hf train --stage` on a folder laid out as the official one: config, weights, tower folder and
+    tokenizer, no processor config (AutoProcessor builds the official one from the config)."""
+    from llada_v_helpers import tiny_processor, write_official_checkpoint
+
+    from llada_hf.cli import main
+
+    folder = tmp_path / "official"
+    write_official_checkpoint(folder)
+    tiny_processor().tokenizer.save_pretrained(folder)
+    assert not (folder / "preprocessor_config.json").exists()
+    rows = []
+    for i, (name, image) in enumerate(colour_rows(4)):
+        image.save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "prompt": "<image>", "completion": f" a {name} square"})
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    code = main(["train", "--model_name_or_path", str(folder), "--dataset_path", str(tmp_path / "captions.jsonl"),
+                 "--stage", "projector", "--output_dir", str(tmp_path / "trained"), "--max_steps", "1",
+                 "--per_device_train_batch_size", "2", "--report_to", "none", "--gradient_checkpointing", "false"])
+    assert code == 0 and (tmp_path / "trained" / "model.safetensors").is_file()

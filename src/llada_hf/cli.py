@@ -87,21 +87,11 @@ def load_model_and_processor(path: str, dtype: str, device: str, with_images: bo
 
 
 def load_vision_processor(path: str):
-    """The folder's `AutoProcessor`; for a folder without one (the official checkpoints ship only a tokenizer) the
-    official LLaDA-V preprocessing, sized by the model config (crop size, grid pinpoints, features per crop)."""
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+    """The folder's `AutoProcessor` (for an official folder, which ships only a tokenizer, `LladaVProcessor` builds
+    the official preprocessing from the model config)."""
+    from transformers import AutoProcessor
 
-    from .processing_llada_v import LladaVProcessor, official_image_processor
-
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except OSError:  # no processor_config.json / preprocessor_config.json
-        config = AutoConfig.from_pretrained(path)
-        vision = config.vision_config
-        image_processor = official_image_processor(vision.image_size, config.image_grid_pinpoints)
-        return LladaVProcessor(image_processor, AutoTokenizer.from_pretrained(path),
-                               num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
-                               vision_aspect_ratio=config.vision_aspect_ratio)
+    return AutoProcessor.from_pretrained(path)
 
 
 def is_vision_processor(processor) -> bool:
