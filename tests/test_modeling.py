@@ -176,6 +176,19 @@ def test_unsupported_standard_variants_are_refused():
         tiny_config(num_key_value_heads=3)
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(num_hidden_layers=-1), r"`num_hidden_layers` must be a positive integer, got -1"),
+    (dict(num_hidden_layers=True), r"`num_hidden_layers` must be a positive integer"),
+    (dict(num_attention_heads=0), r"`num_attention_heads` must be a positive integer"),
+    (dict(hidden_size=65), r"`hidden_size` \(65\) is not a multiple of `num_attention_heads` \(4\)"),
+    (dict(mask_token_id=EMBEDDING_ROWS), r"`mask_token_id` \(104\) must be a token id in \[0, vocab_size=104\)"),
+])
+def test_impossible_sizes_are_refused_by_the_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+    assert tiny_config(hidden_size=66, head_dim=16).head_dim == 16  # an explicit head size is the user's choice
+
+
 def test_official_config_maps_to_standard_names():
     config = LladaConfig(**official_config("illada"))
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (64, 4, 2)

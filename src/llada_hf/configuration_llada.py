@@ -88,7 +88,8 @@ class LladaConfig(PreTrainedConfig):
     Example:
         ```python
         >>> from llada_hf import LladaConfig
-        >>> config = LladaConfig(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=128, vocab_size=100)
+        >>> config = LladaConfig(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=128, vocab_size=100,
+        ...                      mask_token_id=99)
         >>> config.hidden_size, config.num_hidden_layers
         (64, 2)
         ```
@@ -135,6 +136,7 @@ class LladaConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         kwargs = self._absorb_official_keys(kwargs)
+        self._check_sizes()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
@@ -177,6 +179,28 @@ class LladaConfig(PreTrainedConfig):
         for key in OFFICIAL_KEYS_WITHOUT_EFFECT:
             kwargs.pop(key, None)
         return kwargs
+
+    def _check_sizes(self) -> None:
+        """Sizes that cannot build a model, refused here with the field to change (transformers' Llama would fail
+        later, or silently round the head size down)."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if value is None and name in ("num_key_value_heads", "head_dim"):
+                continue  # derived below
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) is not a multiple of `num_attention_heads` "
+                f"({self.num_attention_heads}): the head size would be rounded down (transformers' Llama does so "
+                "silently). Change one of them, or set `head_dim` explicitly."
+            )
+        mask = self.mask_token_id
+        valid = isinstance(mask, int) and not isinstance(mask, bool) and 0 <= mask < self.vocab_size
+        if mask is not None and not valid:
+            raise ValueError(f"`mask_token_id` ({mask!r}) must be a token id in [0, vocab_size={self.vocab_size}): "
+                             "set it to your tokenizer's mask token id.")
 
     def _check_architecture(self) -> None:
         if self.hidden_act != "silu":
