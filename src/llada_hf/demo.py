@@ -218,10 +218,12 @@ def progress_lines(label: str):
 
     class ProgressLines(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
+            self.started, self.printed = time.perf_counter(), 0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
+            # logging_steps is a tenth of the steps rounded down: when it does not divide them, an 11th log comes
+            if logs and "loss" in logs and self.printed < 10:
+                self.printed += 1
                 print(f"    {label:<6} step {state.global_step:>5}/{state.max_steps}  loss {float(logs['loss']):6.3f}"
                       f"  {time.perf_counter() - self.started:4.0f} s", flush=True)
 
