@@ -54,14 +54,11 @@ def first_batch(trainer, n=4) -> dict[str, torch.Tensor]:
 
 
 def spy_on_model_inputs(model) -> list[dict]:
-    """Record the keyword arguments of every forward call (the trainer calls the model with keywords only)."""
-    calls, forward = [], model.forward
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return forward(*args, **kwargs)
-
-    model.forward = spy
+    """Record the keyword arguments of every forward call (the trainer calls the model with keywords only), by a
+    forward pre-hook: whatever `forward` the call runs (TRL's fused head while a loss is computed), the hook sees
+    the call."""
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
     return calls
 
 
@@ -579,3 +576,22 @@ def test_push_to_hub_uploads_our_card_and_the_model_code(tmp_path, monkeypatch):
     assert "masked-diffusion" in card and "custom_code" in card
     assert 'model_id = "alice/tiny-llada"' in card and "trust_remote_code=True" in card
     assert "Training" in card
+
+
+def test_the_trained_model_is_a_plain_model_that_copies_cleanly(tmp_path):
+    """TRL's fused LM head is on only while a loss is computed: after training the model has its own forward, so a
+    deep copy trained further answers with its own weights (with the patch left on, the copy called the original's
+    forward: its logits never moved)."""
+    import copy
+
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.train()
+    model = trainer.model
+    assert "forward" not in model.__dict__
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in twin.parameters():
+            parameter.add_(0.5)
+        ids = torch.tensor([[5, 6, 7, 8]])
+        assert not torch.equal(twin(ids).logits, model(ids).logits)
+    trainer.train()  # and training again still works

@@ -3,8 +3,6 @@ TRL's next-token LM head."""
 
 import math
 
-import torch
-from accelerate.utils import is_peft_model
 from trl.trainer.utils import get_config_model_id
 
 from transformers import TrainingArguments
@@ -24,18 +22,6 @@ def as_config(args: TrainingArguments | None, model, config_class: type, run_suf
     # `to_dict` hides the value of every field named "*_token" (`hub_token`, and TRL's `eos_token` / `pad_token`)
     dict_args.update({key: getattr(args, key) for key in dict_args if key.endswith("_token")})
     return config_class(**dict_args)
-
-
-def remove_fused_lm_head(model: torch.nn.Module | None) -> None:
-    """Undo TRL's `add_fused_lm_head` (an instance-level `forward` wrapping the class's, which scores each position
-    against the *next* token) on `model` or on the base model under its PEFT wrapper: the model's own forward is
-    used again."""
-    if model is None:
-        return
-    base = model.get_base_model() if is_peft_model(model) else model
-    forward = base.__dict__.get("forward")
-    if forward is not None and getattr(getattr(forward, "__func__", None), "__wrapped__", None) is type(base).forward:
-        del base.forward
 
 
 class MaskTokenMixin:

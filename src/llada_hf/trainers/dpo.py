@@ -45,9 +45,10 @@ from trl.trainer.utils import use_adapter
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
 from ..tokenization import set_mask_token
-from .common import MaskTokenMixin, as_config, check_number, remove_fused_lm_head
+from .common import MaskTokenMixin, as_config, check_number
 from .config import bf16_supported
 from .elbo import AnswerBatch, draw_elbo_noise, elbo_estimates, right_align
+from .fused_head import remove_fused_lm_head
 from .hub import LladaHubMixin
 from .sft import check_masked_diffusion_model
 

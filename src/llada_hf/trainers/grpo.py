@@ -48,8 +48,9 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, P
 from ..generation_llada import DiffusionGenerationConfig
 from ..streaming_llada import end_token_ids
 from ..tokenization import set_mask_token
-from .common import MaskTokenMixin, as_config, check_number, remove_fused_lm_head
+from .common import MaskTokenMixin, as_config, check_number
 from .config import bf16_supported
+from .fused_head import remove_fused_lm_head
 from .hub import LladaHubMixin
 from .sft import check_masked_diffusion_model
 

@@ -46,6 +46,7 @@ from transformers import (
 from ..tokenization import set_mask_token
 from .collator import DataCollatorForMaskedDiffusion
 from .config import DiffusionSFTConfig, refuse_sequence_sharding
+from .fused_head import fused_lm_head, remove_fused_lm_head
 from .hub import LladaHubMixin
 from .objective import mask_answer_tokens, masked_diffusion_loss, masking_probability, random_length, sample_times
 from .stages import apply_stage, is_vision_language_model, split_vision_tower_groups, vision_tower_learning_rate
@@ -303,6 +304,8 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
             peft_config=peft_config,
             formatting_func=formatting_func,
         )
+        # TRL's fused head stays on the model for good; here it is on only inside `compute_loss` (`fused_lm_head`)
+        remove_fused_lm_head(self.accelerator.unwrap_model(self.model))
         # An accelerate config file can enable context / sequence parallelism without `args` knowing
         refuse_sequence_sharding(getattr(self.accelerator, "parallelism_config", None))
         # A mask id taken from the tokenizer is written to the config, where `generate` reads it
@@ -468,14 +471,15 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
             input_ids, answer_mask, mask_prob, self.mask_token_id, self._noise_generator
         )
         # 4. score: `shift_labels` are used as given (no shift); -100 everywhere but at the masked positions
-        outputs = model(
-            input_ids=noisy_ids,
-            attention_mask=attention_mask,
-            shift_labels=labels.masked_fill(~masked, -100),
-            fused_lm_head=True,
-            use_cache=False,
-            **image_inputs,
-        )
+        with fused_lm_head(self.accelerator.unwrap_model(model)):
+            outputs = model(
+                input_ids=noisy_ids,
+                attention_mask=attention_mask,
+                shift_labels=labels.masked_fill(~masked, -100),
+                fused_lm_head=True,
+                use_cache=False,
+                **image_inputs,
+            )
         # 5. loss
         loss = masked_diffusion_loss(
             token_nll=-outputs.log_probs,
