@@ -49,8 +49,8 @@ def export_checkpoint(
         try:
             from .gguf import export_gguf
         except ModuleNotFoundError as error:
-            raise ImportError(f"--format gguf needs the `{error.name}` package: pip install 'llada-hf[export]' (or "
-                              f"pip install -e '.[export]' in a checkout).") from error
+            raise ImportError(f"--format gguf needs the `{error.name}` package: pip install -e '.[export]' in the "
+                              "llada-hf checkout.") from error
 
         return export_gguf(model, tokenizer, output, dtype=dtype or "f16", tokenizer_pre=tokenizer_pre,
                            overwrite=overwrite)
