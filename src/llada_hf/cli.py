@@ -459,7 +459,8 @@ def cmd_eval(argv: list[str]) -> None:
 
         from .evaluation import lm_eval_adapter  # noqa: F401  (registers the `llada_hf` model)
     except ImportError as error:
-        raise CliError(f"`llada-hf eval` needs lm-eval: pip install -e '.[eval]' in the llada-hf checkout ({error}).") from None
+        raise CliError(f"`llada-hf eval` needs lm-eval: pip install -e '.[eval]' in the llada-hf checkout "
+                       f"({error}).") from None
     if "--model" not in argv and not any(a.startswith("--model=") for a in argv):
         argv = ["--model", "llada_hf", *argv]
     sys.argv = ["llada-hf eval", *argv]

@@ -6,7 +6,8 @@
 - `server.py`: the command's flags, model loading (tensor parallel under torchrun) and uvicorn (`serve`).
 - `static/`: the web page (plain HTML/JS/CSS).
 
-FastAPI and uvicorn come with `pip install -e '.[serve]'` (in the llada-hf checkout); importing this package does not need them.
+FastAPI and uvicorn come with `pip install -e '.[serve]'` (in the llada-hf checkout); importing this package does
+not need them.
 """
 
 from .scheduler import Event, QueueFull, Request, Scheduler, ShuttingDown

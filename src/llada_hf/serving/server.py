@@ -82,8 +82,8 @@ def run_from_args(args: argparse.Namespace) -> None:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as error:
-        raise CliError(f"`llada-hf serve` needs FastAPI and uvicorn: pip install -e '.[serve]' in the llada-hf checkout "
-                       f"({error}).") from None
+        raise CliError(f"`llada-hf serve` needs FastAPI and uvicorn: pip install -e '.[serve]' in the llada-hf "
+                       f"checkout ({error}).") from None
     check_serve_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     model, tokenizer = load_for_serving(args)
