@@ -502,7 +502,8 @@ class DiffusionGenerationMixin:
             stopping_criteria: called after every step with the current sequences (masks included);
                 rows it marks as done are finished as by early exit.
             streamer: any streamer with transformers' protocol: `put` gets committed tokens block by block,
-                `put_draft(value=...)` (when it has one) the answer with masks after every step. Batch size 1.
+                `put_draft(value=...)` (when it has one) the canvas after every step: the answer from the current
+                block on, masks included (transformers' `TextDiffusionStreamer` convention). Batch size 1.
             generator: a `torch.Generator` for reproducible sampling.
             inputs_embeds: [B, P, hidden] prompt embeddings instead of `input_ids` (vision-language models).
             kwargs: any `DiffusionGenerationConfig` field (`max_new_tokens`, `steps`, `block_length`,
