@@ -112,7 +112,7 @@ def engine_ceiling(args) -> float:
     from transformers import AutoModel, AutoTokenizer
 
     import llada_hf  # noqa: F401  (registers the Auto classes)
-    from llada_hf.generation_llada import DiffusionEngine, left_pad
+    from llada_hf.decoding_llada import DiffusionEngine, left_pad
 
     with tempfile.TemporaryDirectory() as folder:
         build_model(args, folder)

@@ -2,9 +2,9 @@
 
 `llada-hf --help`, every subcommand's `--help` and argument errors answer at once: torch, transformers and the
 `llada_hf` package (whose import registers the models with transformers' Auto classes, so it imports both) are
-imported only when a command runs. The commands live in `llada_hf.cli`; this is a top-level module because
-importing any module of `llada_hf` first imports the package. (`train` and `eval` parse their own flags with TRL's
-and lm_eval's parsers, so their `--help` imports those.)
+imported only when a command runs. Each command is a module of `llada_hf.cli` with `run(args)`; this is a top-level
+module because importing any module of `llada_hf` first imports the package. (`train` and `eval` parse their own
+flags with TRL's and lm_eval's parsers, so their `--help` imports those.)
 """
 
 import argparse
@@ -56,6 +56,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """The generation flags (`GENERATION_FLAGS`), `--seed`, `--dtype` and `--device`."""
     group = parser.add_argument_group("generation (defaults: the checkpoint's generation_config)")
     for name, kind, choices, help_text in GENERATION_FLAGS:
         flag = "--" + name.replace("_", "-")
@@ -108,20 +109,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
 DEMO_OUTPUT_DIR = "outputs/demo"
 
 
-def command(name: str):
-    """`llada_hf.cli.<name>`, imported when the command runs (not when the parser is built)."""
-
-    def run(args):
-        return getattr(importlib.import_module("llada_hf.cli"), name)(args)
-
-    run.__name__ = run.__qualname__ = name
-    return run
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llada-hf", description="LLaDA masked diffusion language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_demo_command(sub) -> None:
     demo = sub.add_parser("demo", help="the reversal experiment in miniature (the main job)")
     demo.add_argument("--output-dir", default=DEMO_OUTPUT_DIR)
     demo.add_argument("--seed", type=int, default=0)
@@ -130,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--large", action="store_true", help="a bigger run that shows the effect more strongly")
     demo.add_argument("--vision", action="store_true",
                       help="the LLaDA-V miniature instead: three training stages on pictures, beside an AR LLaVA")
-    demo.set_defaults(func=command("cmd_demo"))
 
+
+def add_generate_command(sub) -> None:
     generate = sub.add_parser("generate", help="generate answers to prompts")
     generate.add_argument("model", help="a saved model folder")
     generate.add_argument("prompt", nargs="+", help="one or more prompts (one answer each)")
@@ -143,15 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--visualize", metavar="PNG", help="write the decoding-order picture here")
     generate.add_argument("--quiet", action="store_true", help="no progress bar (there is none when piped)")
     add_generation_options(generate)
-    generate.set_defaults(func=command("cmd_generate"))
 
+
+def add_chat_command(sub) -> None:
     chat = sub.add_parser("chat", help="multi-turn chat in the terminal with live drafts")
     chat.add_argument("model", help="a saved model folder")
     chat.add_argument("--system", help="a system message")
     add_image_option(chat, "an image the first question is about (LLaDA-V models); repeat it for several images")
     add_generation_options(chat)
-    chat.set_defaults(func=command("cmd_chat"))
 
+
+def add_tune_command(sub) -> None:
     tune = sub.add_parser("tune", help="measure decoding settings on a dev set: accuracy vs speed, save the best")
     tune.add_argument("model", help="a saved model folder")
     tune.add_argument("--dev", required=True, help="a JSON/JSONL file of {'prompt': ..., 'completion': ...} records")
@@ -163,16 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--save", action="store_true", help="write the chosen setting into generation_config.json")
     tune.add_argument("--dtype", default="auto", help=", ".join(DTYPES))
     tune.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
-    tune.set_defaults(func=command("cmd_tune"))
 
+
+def add_publish_command(sub) -> None:
     publish = sub.add_parser("publish", help="upload a saved model or adapter folder to the Hub in one commit")
     publish.add_argument("path", help="a folder written by save_pretrained (model or LoRA adapter)")
     publish.add_argument("repo_id", help="owner/name on the Hub")
     publish.add_argument("--private", action="store_true", help="create the repository as private")
     publish.add_argument("--dry-run", action="store_true", help="list the files and render the card; upload nothing")
     publish.add_argument("--base-model", help="Hub id of the base model (for adapters and fine-tunes)")
-    publish.set_defaults(func=command("cmd_publish"))
 
+
+def add_export_command(sub) -> None:
     export = sub.add_parser("export", help="write the official GSAI-ML layout or a GGUF file (llama.cpp)")
     export.add_argument("model", help="a saved model folder (or LoRA adapter folder, merged into its base)")
     export.add_argument("output", help="the folder (--format official) or file, e.g. model.gguf (--format gguf)")
@@ -183,23 +176,55 @@ def build_parser() -> argparse.ArgumentParser:
                         help="official: auto_map points at llada-hf's code, copied beside the weights")
     export.add_argument("--code-repo", help="official: Hub repo of the official code (GSAI-ML/LLaDA-8B-Instruct)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    export.set_defaults(func=command("cmd_export"))
 
+
+def add_serve_command(sub) -> None:
     serve = sub.add_parser("serve", help="an OpenAI-compatible server: step-level batching, streamed drafts, a web "
                                          "page (generation flags: the defaults of every request)")
     serve.add_argument("model", help="a saved model folder")
     add_serve_options(serve)
     add_generation_options(serve)
-    serve.set_defaults(func=command("cmd_serve"))
 
-    train = sub.add_parser("train", help="fine-tune with DiffusionSFTTrainer (flags: DiffusionSFTConfig fields)",
-                           add_help=False)
-    train.set_defaults(func=None)
+
+def add_own_parser_commands(sub) -> None:
+    """`train` and `eval`, listed for `llada-hf --help`: their flags go to their own parsers (`parse_command_line`)."""
+    sub.add_parser("train", help="fine-tune with DiffusionSFTTrainer (flags: DiffusionSFTConfig fields)",
+                   add_help=False)
     sub.add_parser("eval", help="lm-evaluation-harness with the llada_hf model (flags: lm_eval's)", add_help=False)
+
+
+# in the order `llada-hf --help` lists them; each command runs as `llada_hf.cli.<name>.run(args)`
+COMMANDS = (add_demo_command, add_generate_command, add_chat_command, add_tune_command, add_publish_command,
+            add_export_command, add_serve_command, add_own_parser_commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `llada-hf` parser: every subcommand with its flags."""
+    parser = argparse.ArgumentParser(prog="llada-hf", description="LLaDA masked diffusion language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in COMMANDS:
+        add_command(sub)
     return parser
 
 
 # ---- entry point ---------------------------------------------------------------------------------
+
+
+OWN_PARSERS = ("train", "eval")  # commands whose flags TRL's and lm_eval's own parsers read
+
+
+def parse_command_line(argv: list[str]) -> argparse.Namespace:
+    """The command (`args.command`) and its settings. `train` and `eval` get their flags as given (`args.flags`):
+    argparse cannot hand them on untouched (a `nargs=REMAINDER` argument refuses leading options, and what
+    `parse_known_args` does with `--` differs between Python versions)."""
+    if argv and argv[0] in OWN_PARSERS:
+        return argparse.Namespace(command=argv[0], flags=argv[1:])
+    return build_parser().parse_args(argv)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """`llada_hf.cli.<command>.run(args)`, imported only now: building the parser imports nothing heavy."""
+    importlib.import_module(f"llada_hf.cli.{args.command}").run(args)
 
 
 def quiet_when_logged() -> None:
@@ -226,15 +251,13 @@ def is_user_error(error: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `llada-hf` on `argv` (default: the process's arguments); the exit code: 0, 1 after a user error (one
+    line on stderr), 130 after Ctrl-C."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] in ("train", "eval"):  # these parse their own flags (TRL's / lm_eval's parser)
-            quiet_when_logged()
-            command("cmd_train" if argv[0] == "train" else "cmd_eval")(argv[1:])
-            return 0
-        args = build_parser().parse_args(argv)
+        args = parse_command_line(argv)
         quiet_when_logged()
-        args.func(args)
+        run_command(args)
         return 0
     except (CliError, ValueError, TypeError, OSError, ImportError) as error:
         if os.environ.get("LLADA_HF_DEBUG") or not is_user_error(error):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from llada_hf import LladaConfig, LladaForMaskedDiffusion
-from llada_hf.generation_llada import left_pad
+from llada_hf.decoding_llada import left_pad
 from llada_hf.tokenization import model_token_ids
 
 

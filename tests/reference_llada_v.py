@@ -194,7 +194,7 @@ def lm_logits(state, cfg, embeds):
     return F.linear(rms(x, state["model.norm.weight"]), state["lm_head.weight"])
 
 
-# ---- the official sampler (generate_with_embeds), batch size 1, no stop words --------------------------------------
+# ---- the official sampler (generate_with_embeds), batch size 1, with or without stop sequences ---------------------
 
 
 def _num_transfer_tokens(block_mask, steps):
@@ -205,12 +205,26 @@ def _num_transfer_tokens(block_mask, steps):
     return out
 
 
+def _first_stop(answer, stop_sequences):
+    """The earliest answer position where one of the id sequences starts, or None (the official scan)."""
+    found = None
+    for sequence in stop_sequences:
+        for start in range(answer.shape[0] - len(sequence) + 1):
+            if answer[start:start + len(sequence)].tolist() == list(sequence):
+                found = start if found is None else min(found, start)
+                break
+    return found
+
+
 def generate_with_embeds(logits_fn, embed_table, inputs_embeds, mask_id, suppress, steps, gen_length, block_length,
-                         cfg_scale=0.0):
+                         cfg_scale=0.0, stop_sequences=None):
     """The official low-confidence sampler at temperature 0 on prompt embeddings [1, P, D]: answer ids [1, G].
 
     Masked positions are found by comparing embeddings with the mask embedding; at masked positions the
     `suppress` ids get -inf; the score is a float64 softmax of the float32 logits; a block without masks ends.
+    With `stop_sequences` (id lists; the official demo passes the tokenized `<|eot_id|>`): after every step the
+    committed answer is scanned for them; once one is found, only masks before it may be committed (the step's
+    count unchanged), decoding ends when none is left before it, and the answer is cut there: ids [1, <= G].
     """
     prompt_length = inputs_embeds.shape[1]
     total = prompt_length + gen_length
@@ -222,12 +236,17 @@ def generate_with_embeds(logits_fn, embed_table, inputs_embeds, mask_id, suppres
     prompt_index[:, :prompt_length] = True
     num_blocks = gen_length // block_length
     steps = steps // num_blocks
+    stop = None  # the answer position of the earliest stop sequence committed so far
     for block in range(num_blocks):
         start, end = prompt_length + block * block_length, prompt_length + (block + 1) * block_length
+        if stop is not None and prompt_length + stop <= start:
+            break
         block_mask = torch.all(torch.abs(x_embeds[:, start:end] - mask_embed) < 1e-5, dim=2)
         transfer = _num_transfer_tokens(block_mask, steps)
         for step in range(steps):
             mask_index = torch.all(torch.abs(x_embeds - mask_embed) < 1e-5, dim=2)
+            if stop is not None and not mask_index[0, prompt_length:prompt_length + stop].any():
+                break
             if not mask_index[0, start:end].any():
                 break
             if cfg_scale > 0:
@@ -241,7 +260,7 @@ def generate_with_embeds(logits_fn, embed_table, inputs_embeds, mask_id, suppres
                 logits[:, :, token] = torch.where(mask_index, -float("inf"), logits[:, :, token])
             x0 = logits.argmax(-1)
             x0_p = torch.gather(F.softmax(logits.double(), dim=-1), -1, x0[..., None])[..., 0]
-            x0_p[:, end:] = -float("inf")
+            x0_p[:, prompt_length + stop if stop is not None else end:] = -float("inf")
             x0_embeds = torch.where(mask_index[..., None], embed_table[x0], x_embeds)
             x0 = torch.where(mask_index, x0, x)
             confidence = torch.where(mask_index, x0_p, -float("inf"))
@@ -249,4 +268,7 @@ def generate_with_embeds(logits_fn, embed_table, inputs_embeds, mask_id, suppres
             chosen[0, torch.topk(confidence[0], k=int(transfer[0, step])).indices] = True
             x_embeds[chosen] = x0_embeds[chosen]
             x[chosen] = x0[chosen]
-    return x[:, prompt_length:]
+            if stop_sequences:
+                found = _first_stop(x[0, prompt_length:], stop_sequences)
+                stop = found if stop is None or (found is not None and found < stop) else stop
+    return x[:, prompt_length:] if stop is None else x[:, prompt_length:prompt_length + stop]

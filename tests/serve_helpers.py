@@ -140,15 +140,13 @@ class InProcessServer:
 
         from llada_hf.serving.app import ServerConfig, create_app
         from llada_hf.serving.scheduler import Scheduler
-        from llada_hf.streaming_llada import end_token_ids
 
-        ends = end_token_ids(tokenizer, model.generation_config)
-        self.scheduler = Scheduler(model, ends, max_batch=max_batch, max_queue=max_queue, batch_wait=batch_wait,
+        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, batch_wait=batch_wait,
                                    step_delay=step_delay)
         config = ServerConfig(model_name="tiny", api_key=api_key, defaults=dict(defaults or {}),
                               max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
                               context=model.config.max_position_embeddings, trust_special_tokens=trust_special_tokens)
-        self.app = create_app(model, tokenizer, self.scheduler, config, ends)
+        self.app = create_app(model, tokenizer, self.scheduler, config)
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=HOST, port=self.port, log_level="warning",

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llada_hf.cli import build_parser, generation_kwargs, main
+from llada_hf.cli import main
+from llada_hf.loading import generation_kwargs
+from llada_hf_cli import build_parser
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +108,8 @@ def test_the_installed_command_answers_help():
 def test_generation_flags_match_the_generation_options():
     """`llada_hf_cli.GENERATION_FLAGS` is written out (building the parser needs no torch): it must stay what the
     options declared in generation_llada.py give."""
-    from llada_hf.cli import GENERATION_FLAGS
     from llada_hf.generation_llada import DIFFUSION_OPTIONS, HONOURED_FIELDS
+    from llada_hf_cli import GENERATION_FLAGS
 
     inherited = [flag for flag in GENERATION_FLAGS if flag[0] in HONOURED_FIELDS]  # transformers' fields first
     assert all(choices is None and text == HONOURED_FIELDS[name][1] for name, _, choices, text in inherited)

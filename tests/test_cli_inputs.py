@@ -60,7 +60,7 @@ def test_generation_flags_that_cannot_run_are_one_line(saved_model, capsys, comm
 
 
 def test_a_device_the_machine_lacks_is_one_line(saved_model, capsys, monkeypatch):
-    monkeypatch.setattr("llada_hf.cli._has_accelerator", lambda device_type: False)
+    monkeypatch.setattr("llada_hf.loading._has_accelerator", lambda device_type: False)
     assert main(["generate", saved_model, "hi", "--device", "cuda"]) == 1
     assert "no cuda device; use --device cpu" in one_line_error(capsys)
 

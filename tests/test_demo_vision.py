@@ -10,9 +10,12 @@ from llada_hf.cli import main
 from llada_hf.demo_vision import (
     CANVAS,
     COLOURS,
+    DEFAULT_VISION,
     QUICK_VISION,
     STAGES,
     Scene,
+    answer_canvases,
+    build_models,
     build_tokenizer,
     caption,
     draw,
@@ -69,6 +72,34 @@ def test_every_word_is_one_token():  # short answers: "answer green" is two toke
     assert len(tokenizer.tokenize("triangle")) == 1
 
 
+def test_diffusion_canvases_are_the_trained_answer_lengths():
+    """LLaDA-V is asked on exactly the answer shape it was trained on (issue 24): the caption and the newline and EOS
+    of the plain template, the word and the end of turn, the 10-word chain and the end of turn."""
+    data = make_data(dataclasses.replace(QUICK_VISION, train_scenes=60), seed=2)
+    tokenizer = build_tokenizer()
+    _, processor, _, _ = build_models(QUICK_VISION, tokenizer, seed=0)
+    assert answer_canvases(data, processor) == {"caption": 6, "question": 2, "reasoning": 11}
+
+
+def test_one_word_answers_are_trained_fully_masked_and_chains_half(tmp_path, monkeypatch):
+    """The noise floor of each stage reaches LLaDA-V's trainer (issue 24): LLaDA's 1e-3 for the captions, the whole
+    answer masked for stage 2's one-word answers (with 1e-3, three seeds of four never learnt which colour is the
+    shape's), p in [0.5, 1] for stage 3's chains (fully masked, they fell apart); answers never EOS-padded."""
+    from llada_hf.demo_vision import train_stage
+    from llada_hf.trainers import DiffusionSFTTrainer
+
+    seen = []
+    monkeypatch.setattr(DiffusionSFTTrainer, "train", lambda self: seen.append(
+        (self.args.stage, self.args.time_epsilon, self.args.pad_answers_with_eos)))
+    settings = dataclasses.replace(QUICK_VISION, train_scenes=4)
+    data = make_data(settings, seed=0)
+    llada_v, processor, _, _ = build_models(settings, build_tokenizer(), seed=0)
+    for index, stage in enumerate(STAGES):
+        train_stage(llada_v, processor, data, stage, index, settings, str(tmp_path), autoregressive=False)
+    assert seen == [("projector", 1e-3, False), ("instruct", 0.999, False), ("reasoning", 0.5, False)]
+    assert DEFAULT_VISION.time_epsilon == QUICK_VISION.time_epsilon == (1e-3, 0.999, 0.5)
+
+
 def test_quick_vision_demo_runs_end_to_end(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
@@ -79,6 +110,7 @@ def test_quick_vision_demo_runs_end_to_end(tmp_path, capsys):
     assert printed.count("after stage") == 3 and "majority answer" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["settings"]["train_scenes"] == QUICK_VISION.train_scenes
+    assert results["canvases"] == {"caption": 6, "question": 2, "reasoning": 11}
     assert [row["stage"].split()[1] for row in results["table"]] == [f"({stage})" for stage in STAGES]
     assert all(0 <= value <= 100 for row in results["table"] for key, value in row.items() if key != "stage")
     assert all(0 <= results["majority"][key] <= 100 for key in ("caption", "question", "reasoning"))

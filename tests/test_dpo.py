@@ -1,9 +1,11 @@
 """DiffusionDPOTrainer (VRPO): unbiased ELBO-based preference scores, the variance reductions, no next-token path,
 LoRA as the reference, the Hub card and bad inputs."""
 
+import ast
 import copy
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +14,9 @@ from helpers import MASK_ID, tokenizer_model
 from llada_reference import exact_expected_estimate, model_logits_fn
 from trl import DPOTrainer
 
-from llada_hf.evaluation.likelihood import official_mask_counts
+from llada_hf.elbo import official_mask_counts
 from llada_hf.trainers import DiffusionDPOConfig, DiffusionDPOTrainer
+from llada_hf.trainers import elbo as training_elbo
 from llada_hf.trainers.elbo import AnswerBatch, draw_elbo_noise, elbo_estimates, right_align, stratified_mask_counts
 
 
@@ -123,7 +126,7 @@ def test_elbo_estimates_and_the_preference_score_are_unbiased(tmp_path, text_tok
 def _loss_and_gradient(trainer, inputs, seed):
     trainer._noise_generators["train"].manual_seed(seed)
     trainer.model.zero_grad()
-    loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
     gradient = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
     return loss.item(), gradient
@@ -171,10 +174,24 @@ def test_optimal_allocation_lowers_the_variance_of_the_elbo(tiny_llada, answer, 
     assert variance[1] > margin * variance[8], variance
 
 
+def test_training_imports_nothing_from_the_evaluation():
+    # The ELBO pieces both estimators use live in the neutral `llada_hf.elbo`: training never loads the evaluation
+    def evaluation_imports(path: Path) -> list[str]:
+        found = []
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            modules += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: {module}" for module in modules if "evaluation" in module.split(".")]
+        return found
+
+    trainers = Path(training_elbo.__file__).parent
+    assert [found for path in sorted(trainers.glob("*.py")) for found in evaluation_imports(path)] == []
+
+
 def test_training_never_takes_a_next_token_path(tmp_path, text_tokenizer):
     trainer = make_trainer(tmp_path, text_tokenizer)
     assert DiffusionDPOTrainer.compute_ref_log_probs is not DPOTrainer.compute_ref_log_probs
-    assert DiffusionDPOTrainer._compute_loss is not DPOTrainer._compute_loss
+    assert DiffusionDPOTrainer.compute_loss is not DPOTrainer.compute_loss
     for model in (trainer.model, trainer.ref_model):  # TRL's fused (shifted) LM head is undone
         assert "forward" not in vars(model)
     calls = []

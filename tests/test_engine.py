@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import MASK_ID, left_padded_batch, tiny_model
 
-from llada_hf.generation_llada import DiffusionDecodingState, DiffusionEngine
+from llada_hf.decoding_llada import DiffusionDecodingState, DiffusionEngine
 
 
 pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by the test command (pyproject.toml)
@@ -162,3 +162,18 @@ def test_embedded_and_id_prompts_share_a_forward(model):
     assert torch.equal(engine.pop(by_ids), model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, steps=6)[0])
     alone = model.generate(torch.tensor([[9, 10]]), max_new_tokens=6, steps=6)[0, 2:]
     assert torch.equal(engine.pop(by_embeds), alone)
+
+
+def test_infill_is_a_decoding_state_like_generate(model):
+    """`infill` builds its state through `prepare_decoding(infill=True)`, so an engine serves infill requests too,
+    beside generation requests, with the tokens `infill` gives alone."""
+    holes = torch.tensor([[5, MASK_ID, 7, MASK_ID, MASK_ID, 9]])
+    engine = DiffusionEngine(model)
+    [filled] = engine.add(holes, infill=True, steps=2)
+    [answered] = engine.add(torch.tensor([[5, 6, 7]]), max_new_tokens=4, steps=4)
+    while engine.has_unfinished:
+        engine.step()
+    assert torch.equal(engine.pop(filled), model.infill(holes, steps=2)[0])
+    assert torch.equal(engine.pop(answered), model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, steps=4)[0])
+    with pytest.raises(TypeError, match="infill"):  # generate always appends an answer
+        model.generate(holes, infill=True)

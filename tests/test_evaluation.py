@@ -15,8 +15,8 @@ from llada_reference import (
     reference_mask_counts,
 )
 
+from llada_hf.elbo import official_mask_counts
 from llada_hf.evaluation import greedy_match, log_likelihood
-from llada_hf.evaluation.likelihood import official_mask_counts
 
 
 # Answers of 2 and 3 tokens (every mask pattern can be enumerated) behind prompts of different lengths,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import MASK_ID, left_padded_batch, tiny_model
 
-from llada_hf.generation_llada import DiffusionCache
+from llada_hf.cache_llada import DiffusionCache
 
 
 pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by the test command (pyproject.toml)

@@ -9,14 +9,9 @@ from llada_reference import reference_generate
 
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from llada_hf.generation_llada import (
-    DiffusionGenerationConfig,
-    DiffusionGenerationOutput,
-    RemaskingStrategy,
-    TextDiffusionStreamer,
-    plan_blocks,
-    tokens_per_step,
-)
+from llada_hf.decoding_llada import DiffusionGenerationOutput, RemaskingStrategy, plan_blocks, tokens_per_step
+from llada_hf.generation_llada import DiffusionGenerationConfig
+from llada_hf.streaming_llada import TextDiffusionStreamer
 
 
 pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by the test command (pyproject.toml)
@@ -428,3 +423,35 @@ def test_bad_inputs_get_clear_errors(model):
     no_mask = tiny_model(mask_token_id=None)
     with pytest.raises(ValueError, match="mask_token_id"):
         no_mask.generate(prompt)
+
+
+def test_the_prompt_ids_are_checked_once_per_call_not_at_every_step(model, monkeypatch):
+    """The model's range check costs host syncs; `generate` runs it once on the prompt, and its forwards skip it
+    (every later id is one the sampler committed). A direct call of the model still checks."""
+    import llada_hf.generation_llada
+    import llada_hf.modeling_llada
+    from llada_hf.configuration_llada import check_token_ids
+
+    calls = {"generate": 0, "forward": 0}
+
+    def counting(key):
+        def check(input_ids, vocab_size):
+            calls[key] += 1
+            check_token_ids(input_ids, vocab_size)
+        return check
+
+    monkeypatch.setattr(llada_hf.generation_llada, "check_token_ids", counting("generate"))
+    monkeypatch.setattr(llada_hf.modeling_llada, "check_token_ids", counting("forward"))
+    out = model.generate(_prompts(), max_new_tokens=8, steps=8, block_length=4, cfg_scale=1.0,
+                         return_dict_in_generate=True)
+    assert out.nfe == 8 and calls == {"generate": 1, "forward": 0}
+    holes = out.sequences.clone()
+    holes[0, [0, 3, 9]] = MASK_ID
+    assert model.infill(holes, return_dict_in_generate=True).nfe == 3
+    assert calls == {"generate": 2, "forward": 0}
+    model(out.sequences)
+    assert calls["forward"] == 1
+    with pytest.raises(ValueError, match=r"Token ids must lie in \[0, 104\)"):
+        model.generate(torch.tensor([[5, 104]]), max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"Token ids must lie in \[0, 104\)"):
+        model.infill(torch.tensor([[-1, MASK_ID]]))

@@ -12,6 +12,7 @@ from llada_reference import reference_generate
 from transformers import GenerationConfig
 
 from llada_hf.generation_llada import (
+    ACCEPTED_FIELDS,
     DIFFUSION_OPTIONS,
     HONOURED_FIELDS,
     PASSIVE_FIELDS,
@@ -143,14 +144,33 @@ def test_low_precision_ties_follow_the_official_rule_not_float64_scores():
 # ---- 2. every inherited GenerationConfig field is honoured or refused ----------------------------
 
 
-def test_every_inherited_field_has_a_policy():
-    inherited = set(GenerationConfig().to_dict())
-    declared = set(HONOURED_FIELDS) | set(REFUSED_FIELDS) | set(PASSIVE_FIELDS)
-    assert inherited <= declared, f"no policy for {sorted(inherited - declared)}"
-    assert not {option.name for option in DIFFUSION_OPTIONS} & inherited
+INHERITED_FIELDS = set(GenerationConfig().to_dict())
 
 
-@pytest.mark.parametrize("name", sorted(REFUSED_FIELDS))
+def test_the_config_is_a_whitelist_of_the_fields_it_honours():
+    """Only the diffusion options, the honoured fields and token ids/bookkeeping may be set; a field that no table
+    lists (as one a later transformers release adds) is refused too, never silently ignored."""
+    assert not {option.name for option in DIFFUSION_OPTIONS} & INHERITED_FIELDS
+    assert set(HONOURED_FIELDS) | set(PASSIVE_FIELDS) <= INHERITED_FIELDS  # the tables name transformers' fields
+    with pytest.raises(ValueError, match=r"`top_z=0.5` has no meaning for masked diffusion: generate\(\) does not "):
+        DiffusionGenerationConfig(top_z=0.5)
+    assert DiffusionGenerationConfig(top_z=None).top_z is None  # unset: nothing to refuse
+
+
+def test_a_saved_config_round_trips_and_an_unknown_saved_field_is_refused(tmp_path):
+    import json
+
+    config = DiffusionGenerationConfig(max_new_tokens=8, steps=4, kv_cache="dual", mask_token_id=MASK_ID)
+    config.save_pretrained(tmp_path)
+    loaded = DiffusionGenerationConfig.from_pretrained(tmp_path)
+    assert (loaded.max_new_tokens, loaded.steps, loaded.kv_cache, loaded.mask_token_id) == (8, 4, "dual", MASK_ID)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(saved, top_z=0.5)))
+    with pytest.raises(ValueError, match=r"`top_z=0.5` has no meaning for masked diffusion"):
+        DiffusionGenerationConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(set(REFUSED_FIELDS) | INHERITED_FIELDS - ACCEPTED_FIELDS))
 def test_refused_fields_name_the_diffusion_setting(model, name):
     value = {"num_beams": 4, "num_beam_groups": 2, "repetition_penalty": 1.3, "length_penalty": 0.5,
              "diversity_penalty": 0.5, "early_stopping": True, "guidance_scale": 3.0, "no_repeat_ngram_size": 3,
@@ -358,7 +378,8 @@ def test_every_diffusion_setting_with_a_cli_type_is_a_cli_flag():
     import argparse
     from pathlib import Path
 
-    from llada_hf.cli import add_generation_options, generation_kwargs
+    from llada_hf.loading import generation_kwargs
+    from llada_hf_cli import add_generation_options
 
     parser = argparse.ArgumentParser()
     add_generation_options(parser)

@@ -112,16 +112,10 @@ def test_one_step_estimate_masks_the_whole_completion(tmp_path, text_tokenizer, 
     prompt_mask = (torch.arange(prompt.shape[1]) >= torch.tensor([[1], [0]])).long()
     completion = torch.tensor([text_tokenizer(" b a").input_ids + [1], text_tokenizer(" e d").input_ids + [1]])
     seeds = torch.tensor([3, 4])
-    from llada_hf.trainers.grpo import _Scoring
-
-    trainer._scoring = _Scoring(seeds, [0, 1], stacked=True)
+    rollout = {"prompt_ids": prompt, "prompt_mask": prompt_mask, "completion_ids": completion,
+               "completion_mask": torch.ones_like(completion)}
     with torch.no_grad():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt, completion], 1),
-            torch.cat([prompt_mask, torch.ones_like(completion)], 1),
-            completion.shape[1],
-        )
+        logps = trainer._per_iteration_logps(model, rollout, seeds, [0, 1])
     assert logps.shape == (2, 2, completion.shape[1])
     for iteration in (0, 1):  # by hand: prompt masked by the iteration's draw, then max_completion_length masks
         masked = one_step_prompt_masks(seeds, iteration, prompt_mask, 0.3)

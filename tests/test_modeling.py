@@ -310,7 +310,7 @@ def test_import_registers_the_auto_classes():
 
 
 def test_use_cache_returns_a_filled_diffusion_cache():
-    from llada_hf.generation_llada import DiffusionCache
+    from llada_hf.cache_llada import DiffusionCache
 
     model = tiny_model()
     ids = torch.tensor([[5, 6, 7, MASK_ID]])

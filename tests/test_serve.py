@@ -390,7 +390,7 @@ def test_a_shared_state_whose_step_fails_is_split_and_only_the_culprit_fails(mod
 
     model, tokenizer = model_and_tokenizer
     handle = out_of_memory_beyond(model, LONG)
-    scheduler = Scheduler(model, end_token_ids(tokenizer, model.generation_config))
+    scheduler = Scheduler(model, tokenizer)
     prompts = [tokenizer(chat_prompt(tokenizer, "where did the cat sit?"), add_special_tokens=False).input_ids,
                tokenizer("the cat sat " * 40).input_ids,
                tokenizer(chat_prompt(tokenizer, "what did the fox say?"), add_special_tokens=False).input_ids]

@@ -73,6 +73,13 @@ def test_the_openai_package_sees_openai_errors(server):
     with pytest.raises(openai.BadRequestError, match="steps"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                        extra_body={"steps": 0})
+    # an image sent to a text model: OpenAI's error, saying so (not a schema error)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}}
+    with pytest.raises(openai.BadRequestError, match="This model takes no images") as error:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is in this picture?"}, image]}])
+    assert error.value.status_code == 400 and error.value.param == "messages"
+    assert error.value.type == "invalid_request_error"
 
 
 def test_the_readme_client_snippet_runs(server, capsys):
@@ -147,7 +154,7 @@ def test_sigterm_finishes_or_cancels_running_answers_in_bounded_time(model_dir):
 
 
 def test_serve_refuses_bad_flags_in_one_line(model_dir, tmp_path, capsys):
-    from llada_hf.cli import build_parser, main
+    from llada_hf_cli import build_parser, main
 
     assert build_parser().parse_args(["serve", "m"]).host == "127.0.0.1"  # loopback unless told otherwise
     with pytest.raises(SystemExit) as exit_info:

@@ -465,7 +465,8 @@ def test_cli_train_stage_takes_the_official_hyperparameters_as_defaults(tmp_path
 
 def test_cli_train_reads_image_paths_relative_to_the_dataset_file(tmp_path, processor, monkeypatch):
     """`img/0.png` in data/captions.jsonl is data/img/0.png wherever the command runs (absolute paths are kept)."""
-    from llada_hf.cli import load_local_dataset, main
+    from llada_hf.cli import main
+    from llada_hf.cli.dataset_files import load_local_dataset
 
     model = tiny_llada_v()
     model.save_pretrained(tmp_path / "model")

@@ -21,17 +21,12 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_llada import LladaConfig
 from .configuration_llada_v import LladaVConfig
-from .generation_llada import (
-    DiffusionGenerationConfig,
-    DiffusionGenerationOutput,
-    RemaskingStrategy,
-    TextDiffusionStreamer,
-    register_remasking_strategy,
-)
+from .decoding_llada import DiffusionGenerationOutput, RemaskingStrategy, register_remasking_strategy
+from .generation_llada import DiffusionGenerationConfig
 from .modeling_llada import LladaForMaskedDiffusion, LladaModel, LladaPreTrainedModel, MaskedDiffusionOutput
 from .modeling_llada_v import LladaVForConditionalGeneration, LladaVModel, LladaVPreTrainedModel
 from .processing_llada_v import LladaVProcessor
-from .streaming_llada import end_token_ids, truncate_at_eos
+from .streaming_llada import TextDiffusionStreamer, end_token_ids, truncate_at_eos
 
 
 __version__ = "0.1.0"

@@ -232,4 +232,33 @@ def check_pad_is_not_mask(pad_token_id: int | None, mask_token_id: int | None) -
         )
 
 
-__all__ = ["LladaConfig", "BUNDLE_AUTO_MAP", "check_pad_is_not_mask"]
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    """Every id of `input_ids` (a tensor) must be a row of the embedding: the one rule, shared by the model's forward
+    and generation (which checks a prompt once, so that its denoising steps need not). One host sync.
+
+    Without it, an id from another tokenizer fails inside the embedding: an `IndexError`, or on a GPU a device-side
+    assert that ends the process.
+
+    Example:
+        ```python
+        >>> import torch
+        >>> from llada_hf.configuration_llada import check_token_ids
+        >>> check_token_ids(torch.tensor([[5, 99]]), vocab_size=100)
+        >>> try:
+        ...     check_token_ids(torch.tensor([[5, 100]]), vocab_size=100)
+        ... except ValueError as error:
+        ...     print(str(error).split(". ")[0])
+        Token ids must lie in [0, 100) (the embedding's rows); got ids in [5, 100]
+        ```
+    """
+    if input_ids.numel() == 0:
+        return
+    low, high = (int(bound) for bound in input_ids.aminmax())  # one reduction; the second read waits for nothing
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"Token ids must lie in [0, {vocab_size}) (the embedding's rows); got ids in [{low}, {high}]. Check "
+            "that the tokenizer matches the model."
+        )
+
+
+__all__ = ["LladaConfig", "BUNDLE_AUTO_MAP", "check_pad_is_not_mask", "check_token_ids"]

@@ -2,15 +2,16 @@
 
 Part of the model bundle: imports only torch, transformers and sibling bundle modules, because it is
 copied next to every saved checkpoint and must run where `llada_hf` is not installed.
-`generation_llada.py` holds the settings and `generate()`; this file holds what one denoising step does:
+This file is the step engine: what one denoising step does. It imports no other part of the sampler;
+`generation_llada.py` (the settings, `generate()`, `infill()`, `prepare_decoding()`) builds on it:
 
 - *Strategies*: how the candidates at masked positions are scored (`RemaskingStrategy` objects, registered
   by name: "low_confidence", "random", "margin", "entropy"); the most confident are committed.
 - *Plan and schedule*: which positions form each block and how many steps each gets (`plan_blocks`), and
   how many tokens each step commits (`tokens_per_step`).
-- *Caches* (Fast-dLLM): `DiffusionCache` keeps every position's keys/values; at the first step of a block
-  the model runs the whole sequence, later steps only the block and what follows it ("prefix") or only
-  the block ("dual"). The cache decides each forward's query range (`DiffusionCache.query_range`).
+- *Caches* (Fast-dLLM): a state with `kv_cache` keeps a `DiffusionCache` (cache_llada.py, beside the model);
+  at the first step of a block the model runs the whole sequence, later steps only the block and what follows
+  it ("prefix") or only the block ("dual"). The cache decides each forward's query range (`query_range`).
 - *Candidates, scores, commits*: plain functions of tensors, including parallel decoding
   (`confidence_threshold`, `parallel_factor`, `entropy_bound`) and the official tie-breaking.
 - *The step engine*: `DiffusionDecodingState` (rows added together; `step()` = `plan_forward` ->
@@ -19,12 +20,11 @@ copied next to every saved checkpoint and must run where `llada_hf` is not insta
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation.configuration_utils import GenerationConfig
 from transformers.generation.logits_process import (
     EpsilonLogitsWarper,
     EtaLogitsWarper,
@@ -36,9 +36,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.modeling_outputs import ModelOutput
 
-
-if TYPE_CHECKING:
-    from .generation_llada import DiffusionGenerationConfig
+from .cache_llada import DiffusionCache
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,7 +53,7 @@ class RemaskingStrategy:
     Example:
         ```python
         >>> import torch
-        >>> from llada_hf.generation_llada import RemaskingStrategy
+        >>> from llada_hf.decoding_llada import RemaskingStrategy
         >>> class LeftToRight(RemaskingStrategy):
         ...     name = "left_to_right"
         ...     def score(self, logits, candidates, generator=None):
@@ -163,7 +161,7 @@ def plan_blocks(prompt_length: int, answer_length: int, block_length: int, steps
 
     Example:
         ```python
-        >>> from llada_hf.generation_llada import plan_blocks
+        >>> from llada_hf.decoding_llada import plan_blocks
         >>> blocks = plan_blocks(prompt_length=5, answer_length=10, block_length=4, steps=7)
         >>> [(b.start, b.end, b.steps) for b in blocks]
         [(5, 9, 3), (9, 13, 2), (13, 15, 2)]
@@ -193,7 +191,7 @@ def tokens_per_step(num_masked: torch.LongTensor, steps: int) -> torch.LongTenso
     Example:
         ```python
         >>> import torch
-        >>> from llada_hf.generation_llada import tokens_per_step
+        >>> from llada_hf.decoding_llada import tokens_per_step
         >>> tokens_per_step(torch.tensor([10, 3]), 4)
         tensor([[3, 3, 2, 2],
                 [1, 1, 1, 0]])
@@ -215,7 +213,7 @@ def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Ten
     Example:
         ```python
         >>> import torch
-        >>> from llada_hf.generation_llada import classifier_free_guidance
+        >>> from llada_hf.decoding_llada import classifier_free_guidance
         >>> classifier_free_guidance(torch.tensor([2.0]), torch.tensor([1.0]), scale=1.0)
         tensor([3.])
         ```
@@ -229,7 +227,7 @@ def left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.LongTensor
 
     Example:
         ```python
-        >>> from llada_hf.generation_llada import left_pad
+        >>> from llada_hf.decoding_llada import left_pad
         >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
         >>> ids.tolist(), mask.tolist()
         ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
@@ -294,126 +292,11 @@ class DiffusionGenerationOutput(ModelOutput):
 
 
 # --------------------------------------------------------------------------------------------------
-# Key/value caches (Fast-dLLM's prefix and dual caches) on transformers' Cache API
-# --------------------------------------------------------------------------------------------------
-
-# Attention backends whose handling of a query range shorter than the keys we have tested with the cache.
-CACHE_ATTENTION_BACKENDS = ("eager", "sdpa")
-
-
-class DiffusionCacheLayer(CacheLayerMixin):
-    """One layer's keys/values over the *whole* sequence; a partial forward replaces its own positions.
-
-    Queries cover positions [query_start, query_start + q); the layer writes their keys/values at those
-    positions and returns the full-length keys/values, so attention still sees every position.
-    """
-
-    is_sliding = False
-
-    def __init__(self):
-        super().__init__()
-        self.query_start = 0
-
-    def lazy_initialization(self, key_states, value_states):
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if self.query_start == 0:  # a full pass: keep everything
-            self.lazy_initialization(key_states, value_states)
-            self.keys, self.values = key_states, value_states
-            return key_states, value_states
-        end = self.query_start + key_states.shape[-2]
-        self.keys[:, :, self.query_start : end] = key_states  # [B, kv_heads, L, head_dim]
-        self.values[:, :, self.query_start : end] = value_states
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.query_start  # positions before the queries: the default position ids start there
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.query_start == 0 or self.keys is None:
-            return query_length, 0
-        return self.keys.shape[-2], 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.keys, self.values = self.keys[indices], self.values[indices]
-
-
-class DiffusionCache(Cache):
-    """The key/value cache of diffusion decoding (Fast-dLLM's prefix and dual caches) on transformers' Cache API.
-
-    `generate(kv_cache="prefix" | "dual")` creates one, and `model(..., use_cache=True)` returns one filled by a
-    full pass. At the first step of every block the model runs the whole sequence and the cache keeps every
-    position's keys/values; later steps of the block run only the block and the positions after it (prefix)
-    or only the block (dual), replacing those positions' keys/values (`query_range` decides). It also
-    remembers which batch rows it holds, so finished rows can leave the batch.
-
-    Example:
-        ```python
-        >>> import torch
-        >>> from llada_hf import LladaConfig, LladaForMaskedDiffusion
-        >>> config = LladaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        ...                      num_attention_heads=4, mask_token_id=63, pad_token_id=0, eos_token_id=1)
-        >>> out = LladaForMaskedDiffusion(config)(torch.tensor([[5, 6, 63, 63]]), use_cache=True)
-        >>> type(out.cache).__name__, out.cache.layers[0].keys.shape[-2]
-        ('DiffusionCache', 4)
-        ```
-    """
-
-    def __init__(self, mode: str = "prefix"):
-        super().__init__(layer_class_to_replicate=DiffusionCacheLayer)
-        self.mode = mode
-        self.rows: torch.Tensor | None = None  # batch rows (of x, CFG copies offset by the batch size) held
-
-    def query_range(self, rows: torch.Tensor, window_start: int, block: Block, refresh: bool,
-                    length: int) -> tuple[int, int]:
-        """Positions [start, end) the next forward runs for `rows`, with the layers prepared for it.
-
-        A refresh (the first step of a block), a window that starts before the block (masks left in the
-        prompt: the cached prefix is still changing) or rows the cache does not hold run the whole sequence
-        and refill the cache. Otherwise the block and everything after it run ("prefix"), or the block
-        alone ("dual"), against the cached keys/values.
-        """
-        if refresh or window_start < block.start or not self.holds(rows):
-            self.start_refill(rows)
-            start, end = 0, length
-        else:
-            self.keep_rows(rows)
-            start, end = block.start, (block.end if self.mode == "dual" else length)
-        self.set_query_start(start)
-        return start, end
-
-    def start_refill(self, rows: torch.Tensor) -> None:
-        self.rows = rows
-
-    def holds(self, rows: torch.Tensor) -> bool:
-        """Whether every requested row has cached keys/values."""
-        return self.rows is not None and bool(torch.isin(rows, self.rows).all())
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop the rows that are no longer decoded (early exit, removed requests)."""
-        if self.rows.numel() == rows.numel():
-            return
-        position = {int(row): index for index, row in enumerate(self.rows.tolist())}
-        indices = torch.tensor([position[int(row)] for row in rows], device=rows.device)
-        self.batch_select_indices(indices)
-        self.rows = rows
-
-    def set_query_start(self, query_start: int) -> None:
-        """Where the next forward's queries begin (0 = a full pass that refills the cache)."""
-        for layer in self.layers:  # layers created later, during a full pass, start at 0
-            layer.query_start = query_start
-
-
-# --------------------------------------------------------------------------------------------------
 # Candidates, scores and commits (steps 5-7), as plain functions of tensors
 # --------------------------------------------------------------------------------------------------
 
 
-def _candidates(logits: torch.Tensor, config: "DiffusionGenerationConfig", generator) -> torch.LongTensor:
+def _candidates(logits: torch.Tensor, config: GenerationConfig, generator) -> torch.LongTensor:
     """Argmax when greedy; otherwise a sample from softmax(logits / T), after top-k/top-p/min-p/typical/
     epsilon/eta filtering, by Gumbel-max in float64. Filtering shapes the candidates only, not their scores."""
     if not config.temperature or config.do_sample is False:
@@ -427,7 +310,7 @@ def _candidates(logits: torch.Tensor, config: "DiffusionGenerationConfig", gener
     return (flat + gumbel).argmax(-1).reshape(rows, width)
 
 
-def _sampling_warpers(config: "DiffusionGenerationConfig", device: torch.device) -> list:
+def _sampling_warpers(config: GenerationConfig, device: torch.device) -> list:
     warpers = []
     if config.top_k:
         warpers.append(TopKLogitsWarper(config.top_k))
@@ -444,7 +327,7 @@ def _sampling_warpers(config: "DiffusionGenerationConfig", device: torch.device)
     return warpers
 
 
-def _parallel_count(scores, scheduled, config: "DiffusionGenerationConfig", logits=None) -> torch.LongTensor:
+def _parallel_count(scores, scheduled, config: GenerationConfig, logits=None) -> torch.LongTensor:
     """Tokens to commit per row: the schedule, raised by parallel decoding.
 
     `confidence_threshold` tau: every eligible score >= tau counts. `parallel_factor` f (Fast-dLLM's rule): with
@@ -542,6 +425,11 @@ class DiffusionDecodingState:
     `step()` until `done`; `output()` gives what `generate` returns. Rows leave when they finish (early exit,
     stopping criteria) or when `remove(rows)` cancels them; the other rows' tokens do not change.
 
+    `config` holds the call's validated settings (a `DiffusionGenerationConfig`, typed by its transformers base so
+    that the engine needs nothing from generation_llada.py). The ids of `x` are trusted: `prepare_decoding` checks
+    the prompt once, and every later id is a token this state committed, so the forwards skip the model's check
+    of the ids' range (`check_input_ids=False`, host syncs at every step otherwise).
+
     Example:
         ```python
         >>> import torch
@@ -565,7 +453,7 @@ class DiffusionDecodingState:
         attention_mask: torch.Tensor | None,
         prompt_length: int,
         blocks: list[Block],
-        config: "DiffusionGenerationConfig",
+        config: GenerationConfig,
         prompt_embeds: torch.Tensor | None = None,
         logits_processor: LogitsProcessorList | None = None,
         stopping_criteria=None,
@@ -588,6 +476,11 @@ class DiffusionDecodingState:
         self.prompt_positions = x != self.mask_id  # CFG masks these in its unconditional copy
         self.active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # rows still being decoded
         self.removed = torch.zeros_like(self.active)
+        # `stop_token_ids`: per row, the position of its earliest committed stop token (the sequence's length when
+        # there is none yet)
+        stop_ids = _token_ids(config.stop_token_ids)
+        self.stop_ids = _id_tensor(stop_ids, x.device) if stop_ids else None
+        self.stop_at = torch.full_like(self.active, x.shape[1], dtype=torch.long)
         self.commit_step = torch.full_like(x, -1)
         self.forwards_taken = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.cache = DiffusionCache(config.kv_cache) if config.kv_cache else None
@@ -627,8 +520,8 @@ class DiffusionDecodingState:
         batch_rows = torch.cat([rows, rows + self.x.shape[0]]) if guided else rows  # CFG copies: rows of their own
         start, end = 0, length
         if self.cache is not None:
-            start, end = self.cache.query_range(batch_rows, window_start=window_start, block=block,
-                                                refresh=self.block_step == 0, length=length)
+            start, end = self.cache.query_range(batch_rows, window_start=window_start, block_start=block.start,
+                                                block_end=block.end, refresh=self.block_step == 0, length=length)
         mask = self.attention_mask[rows, :length] if self.attention_mask is not None else None
         if guided and mask is not None:
             mask = torch.cat([mask, mask])
@@ -640,7 +533,7 @@ class DiffusionDecodingState:
         keep = torch.arange(request.window_start - request.query_start, request.window_end - request.query_start,
                             device=self.x.device)
         return self.model(**request.inputs, attention_mask=request.attention_mask, cache=self.cache,
-                          logits_to_keep=keep).logits
+                          logits_to_keep=keep, check_input_ids=False).logits
 
     def finish_step(self, request: "ForwardRequest", logits: torch.Tensor) -> torch.LongTensor:
         """Steps 4 (guidance) to 8 with the window's logits; returns the rows this step finished."""
@@ -652,8 +545,12 @@ class DiffusionDecodingState:
         # 5. Candidates
         logits = self._shape_logits(logits, rows, window_start, block.end)
         candidates = _candidates(logits, self.config, self.generator)
-        # 6. Scores: only masked positions of the window are eligible
+        # 6. Scores: only masked positions of the window are eligible (and, once a stop token is committed, only
+        # those before it)
         eligible = self.x[rows, window_start : block.end] == self.mask_id
+        if self.stop_ids is not None:
+            positions = torch.arange(window_start, block.end, device=self.x.device)
+            eligible &= positions < self.stop_at[rows, None]
         scores = self._scores(logits, candidates, eligible)
         _check_finite(logits, candidates, scores, eligible, self.steps_taken)
         # 7. Commit the scheduled number of best candidates per row (more with parallel decoding)
@@ -664,6 +561,8 @@ class DiffusionDecodingState:
         self.commit_step[rows, window] = torch.where(chosen, self.steps_taken, self.commit_step[rows, window])
         self.block_step += 1
         self.steps_taken += 1
+        if self.stop_ids is not None:
+            self._find_stops(rows)
         # 8. Report and stop
         if self.config.output_history:
             self.history.append(self.visible(self.x).clone())
@@ -799,8 +698,17 @@ class DiffusionDecodingState:
 
     # ---- step 8: finishing rows ----------------------------------------------------------------
 
+    def _find_stops(self, rows: torch.LongTensor) -> None:
+        """The official LLaDA-V stop rule, its scan: after each step the answer is searched for the stop tokens,
+        and a row's stop is the earliest committed one (it can only move earlier)."""
+        answer = self.x[rows, self.answer_start :]
+        positions = torch.arange(self.answer_start, self.x.shape[1], device=self.x.device)
+        found = torch.where(torch.isin(answer, self.stop_ids), positions, self.x.shape[1]).min(1).values
+        self.stop_at[rows] = torch.minimum(self.stop_at[rows], found)
+
     def _finished_rows(self) -> torch.Tensor:
-        """Rows whose answer is decided up to an EOS (early exit), or that a stopping criterion ends."""
+        """Rows whose answer is decided up to an EOS (early exit) or up to a stop token (`stop_token_ids`), or that
+        a stopping criterion ends."""
         x, config = self.x, self.config
         finished = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         if config.early_exit and config.eos_token_id is not None:
@@ -813,16 +721,22 @@ class DiffusionDecodingState:
             masks = x == self.mask_id
             first_mask = torch.where(masks, torch.arange(x.shape[1], device=x.device), x.shape[1]).min(1).values
             finished |= (first_eos + self.answer_start < first_mask) | (first_mask == x.shape[1])
+        if self.stop_ids is not None:
+            before_stop = torch.arange(x.shape[1], device=x.device) < self.stop_at[:, None]
+            finished |= (self.stop_at < x.shape[1]) & ~((x == self.mask_id) & before_stop).any(1)
         if self.stopping_criteria is not None:
             finished |= self.stopping_criteria(self.visible(x), None).to(x.device)
         return finished
 
     def _fill_with_eos(self, rows: torch.Tensor) -> None:
+        """The finished rows' answers end here: their masks, and whatever follows a stop token, become EOS."""
         if not bool(rows.any()) or self.config.eos_token_id is None:
             return
         eos = _token_ids(self.config.eos_token_id)[0]
-        answer = self.x[:, self.answer_start :]
-        answer[rows[:, None] & (answer == self.mask_id)] = eos
+        after_stop = torch.arange(self.x.shape[1], device=self.x.device) > self.stop_at[:, None]
+        ended = rows[:, None] & ((self.x == self.mask_id) | after_stop)
+        ended[:, : self.answer_start] = False
+        self.x[ended] = eos
 
 
 def _shared_forward(model, requests: list[ForwardRequest]) -> list[torch.Tensor]:
@@ -849,7 +763,8 @@ def _shared_forward(model, requests: list[ForwardRequest]) -> list[torch.Tensor]
     low, high = min(start for start, _ in windows), max(end for _, end in windows)
     logits = model(**{"inputs_embeds" if embedded else "input_ids": torch.cat(inputs)},
                    attention_mask=torch.cat(masks), position_ids=torch.cat(positions),
-                   logits_to_keep=torch.arange(low, high, device=inputs[0].device)).logits  # [N, high - low, V]
+                   logits_to_keep=torch.arange(low, high, device=inputs[0].device),
+                   check_input_ids=False).logits  # [N, high - low, V]; ids as in `run_forward`, pad id 0
     pieces, first_row = [], 0
     for tensor, (start, end) in zip(inputs, windows):
         pieces.append(logits[first_row : first_row + tensor.shape[0], start - low : end - low])
@@ -875,7 +790,7 @@ class DiffusionEngine:
         ```python
         >>> import torch
         >>> from llada_hf import LladaConfig, LladaForMaskedDiffusion
-        >>> from llada_hf.generation_llada import DiffusionEngine
+        >>> from llada_hf.decoding_llada import DiffusionEngine
         >>> config = LladaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         ...                      num_attention_heads=4, mask_token_id=63, pad_token_id=0, eos_token_id=1)
         >>> model = LladaForMaskedDiffusion(config).eval()
@@ -930,6 +845,11 @@ class DiffusionEngine:
         state, index = self._rows[row_id]
         return state.done or not bool(state.active[index])
 
+    def state_of(self, row_id: int) -> tuple[DiffusionDecodingState, int]:
+        """The state that decodes the row, and the row's index in its batch: a caller that follows many rows reads
+        each state once (one device-to-host copy) instead of once per row."""
+        return self._rows[row_id]
+
     def draft(self, row_id: int) -> torch.LongTensor:
         """The row's current answer, masks still in place ([answer])."""
         state, index = self._rows[row_id]
@@ -970,8 +890,6 @@ __all__ = [
     "classifier_free_guidance",
     "left_pad",
     "DiffusionGenerationOutput",
-    "DiffusionCache",
-    "CACHE_ATTENTION_BACKENDS",
     "ForwardRequest",
     "DiffusionDecodingState",
     "DiffusionEngine",

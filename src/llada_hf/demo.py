@@ -224,7 +224,7 @@ def progress_lines(label: str):
             # logging_steps is a tenth of the steps rounded down: when it does not divide them, an 11th log comes
             if logs and "loss" in logs and self.printed < 10:
                 self.printed += 1
-                print(f"    {label:<6} step {state.global_step:>5}/{state.max_steps}  loss {float(logs['loss']):6.3f}"
+                print(f"    {label:<7} step {state.global_step:>5}/{state.max_steps}  loss {float(logs['loss']):6.3f}"
                       f"  {time.perf_counter() - self.started:4.0f} s", flush=True)
 
     return ProgressLines()

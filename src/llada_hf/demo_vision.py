@@ -8,23 +8,41 @@
    answer to each question (what a model that never looks at the picture gets at best);
 2. trains a word-level BPE tokenizer with LLaDA's special tokens, and builds a tiny SigLIP tower, shared (same
    weights at the start) by a tiny `LladaVForConditionalGeneration` and a `LlavaForConditionalGeneration` with a
-   Llama language model of the same size;
+   Llama language model of the same size and settings (rotary base 10000 and norm epsilon 1e-5 for both, as in the
+   text demo: LLaDA's defaults, 500000 and 1e-5, differed from Llama's);
 3. trains both, stage by stage, on the same rows with the same budget: stage 1 (projector only, captions, the
    `plain` template), stage 2 (everything, questions), stage 3 (everything, the reasoning question answered with a
-   short chain, plus one stage-2 question per picture). LLaDA-V: `DiffusionSFTTrainer` with `stage=...`; LLaVA:
-   TRL's `SFTTrainer`, with the same trainable modules and tower learning rate;
+   short chain, plus one stage-2 question per picture). LLaDA-V: `DiffusionSFTTrainer` with `stage=...`, answers
+   not padded with EOS and a noise floor per stage (below); LLaVA: TRL's `SFTTrainer`, with the same trainable
+   modules and tower learning rate;
 4. after each stage asks both models about held-out pictures (exact match of the caption, of the answer, of the
-   final answer of the reasoning) and prints the table;
+   final answer of the reasoning) and prints the table. LLaDA-V fills a canvas of exactly the length its answers of
+   that kind were trained with (`answer_canvases`: caption 6 tokens, one-word answer 2, chain 11); LLaVA stops at
+   its end token;
 5. writes a PNG grid of test pictures with both models' answers.
 
 Why global properties: with several small shapes per picture, models this size (2 layers of 64) learned the colour
 of a lone shape but never which shape sat in which column (one patch), even with 10 epochs; "what shape is it ?"
 about one big shape also stayed at chance (measured), so it is off by default (`shape_questions`).
 
+Why a noise floor (issue 24): with LLaDA's masking (p = (1 - ε) t + ε, t uniform, ε = 1e-3, loss weight 1 / p) the
+diffusion model learnt the one-word answers on one seed of four: on the others it named one of the picture's two
+colours by a fixed preference, the same for "what colour is the shape ?" and "... the background ?" (it never learnt
+which is which), near the no-picture baseline, while LLaVA learnt them on all four. A one-word answer is two tokens
+(the word, the end of turn): its word is scored only in rows where it is masked, with weights up to 1 / ε. Not the
+cause, measured on one to three seeds each: the 12-mask canvas (the answer is cut at the end of turn: the same word on
+2, 3 or 12 masks), EOS padding, a wider or deeper model, the rotary base, the tower's learning rate, lower learning
+rates, batch 8, four noise samples per answer, ε = 0.1. What did it: stage 2, whose answers are all one word, masks the
+whole answer (ε = 0.999: the fully masked canvas that decoding starts from) and runs 12 epochs instead of 8 (both
+models); stage 3, whose chains need the partly masked states, keeps half (ε = 0.5: p in [0.5, 1]; at ε = 0.999 the
+chains fell apart, at 1e-3 the replayed questions lost ground). Stage 1 keeps LLaDA's 1e-3. benchmarks/RESULTS.md, "The
+vision demo with margin (issue 24)", has the runs.
+
 Run it with `llada-hf demo --vision` (`--quick` for a < 1 minute smoke run).
 """
 
 import json
+import math
 import os
 import random
 import time
@@ -60,10 +78,13 @@ class VisionDemoSettings:
     heads: int = 4
     vision_hidden_size: int = 32
     vision_layers: int = 2
-    epochs: tuple[int, int, int] = (2, 8, 6)  # per stage
+    epochs: tuple[int, int, int] = (2, 12, 6)  # per stage (stage 2: 8 before issue 24)
     batch_size: int = 16
     learning_rate: tuple[float, float, float] = (1e-3, 1e-3, 1e-3)  # per stage; the tower at 0.2 x in stages 2-3
-    answer_tokens: int = 12  # diffusion answer length (= steps); the AR model's max_new_tokens
+    # LLaDA-V's noise floor ε per stage: each row's answer tokens are masked with probability p = (1 - ε) t + ε,
+    # t ~ U(0, 1), and scored with weight 1 / p (`DiffusionSFTConfig.time_epsilon`; LLaDA's own is 1e-3)
+    time_epsilon: tuple[float, float, float] = (1e-3, 0.999, 0.5)
+    answer_tokens: int = 12  # the AR model's max_new_tokens (it stops at its end token); LLaDA-V: `answer_canvases`
     grid_pictures: int = 8
     threads: int = 1  # tiny models train fastest on one thread
     shape_questions: bool = False  # "what shape is it ?" among the questions
@@ -232,7 +253,8 @@ def build_models(settings: VisionDemoSettings, tokenizer, seed: int):
                                         num_image_tokens=(CANVAS // PATCH) ** 2, vision_aspect_ratio="anyres")
     ids = model_token_ids(tokenizer)
     sizes = dict(hidden_size=settings.hidden_size, intermediate_size=4 * settings.hidden_size,
-                 num_hidden_layers=settings.layers, num_attention_heads=settings.heads, max_position_embeddings=256)
+                 num_hidden_layers=settings.layers, num_attention_heads=settings.heads, max_position_embeddings=256,
+                 rope_theta=10000.0, rms_norm_eps=1e-5)
     vision = dict(hidden_size=settings.vision_hidden_size, intermediate_size=2 * settings.vision_hidden_size,
                   num_hidden_layers=settings.vision_layers, num_attention_heads=2, image_size=CANVAS,
                   patch_size=PATCH, vision_use_head=False)
@@ -260,15 +282,20 @@ def build_models(settings: VisionDemoSettings, tokenizer, seed: int):
 
 
 def stage_rows(data: dict, stage: str, autoregressive: bool, eos: str) -> "Dataset":
-    """The stage's rows as a dataset: stage 1 as plain captions (the AR model gets the same text the plain template
-    renders: the image, the caption, a newline, EOS)."""
+    """The stage's rows (`trainer_rows`) as a dataset."""
     from datasets import Dataset
 
+    return Dataset.from_list(trainer_rows(data, stage, autoregressive, eos))
+
+
+def trainer_rows(data: dict, stage: str, autoregressive: bool, eos: str) -> list[dict]:
+    """The stage's rows as the trainers take them: stage 1 as plain captions (the AR model gets the same text the
+    plain template renders: the image, the caption, a newline, EOS), the others as chat rows."""
     rows = data["train"][stage]
     if stage == "projector":
         suffix = "\n" + eos if autoregressive else ""
         rows = [{"image": r["image"], "prompt": "<image>", "completion": " " + r["caption"] + suffix} for r in rows]
-    return Dataset.from_list(rows)
+    return rows
 
 
 def freeze_for_stage(model, stage: str) -> None:
@@ -292,32 +319,39 @@ def train_stage(model, processor, data, stage: str, index: int, settings, output
     """One stage of one model; returns its training time in seconds."""
     from trl import SFTConfig, SFTTrainer
 
+    from .demo import quiet_trainer
     from .trainers import DiffusionSFTConfig, DiffusionSFTTrainer
 
+    dataset = stage_rows(data, stage, autoregressive, processor.tokenizer.eos_token)
+    steps = math.ceil(len(dataset) / settings.batch_size) * settings.epochs[index]
     common = dict(output_dir=os.path.join(output_dir, "ar" if autoregressive else "diffusion", stage),
                   num_train_epochs=settings.epochs[index], per_device_train_batch_size=settings.batch_size,
                   learning_rate=settings.learning_rate[index], lr_scheduler_type="cosine", warmup_steps=0.03,
-                  bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no", disable_tqdm=True,
-                  logging_steps=50, max_length=None, seed=index, use_cpu=True, weight_decay=0.0)
-    dataset = stage_rows(data, stage, autoregressive, processor.tokenizer.eos_token)
+                  bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
+                  disable_tqdm=True, logging_steps=max(1, steps // 3), max_length=None, seed=index, use_cpu=True,
+                  weight_decay=0.0)
     if autoregressive:
         freeze_for_stage(model, stage)
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset,
                              processing_class=processor,
                              optimizers=(tower_split_optimizer(model, settings.learning_rate[index]), None))
     else:
-        trainer = DiffusionSFTTrainer(model=model, args=DiffusionSFTConfig(**common, stage=stage),
-                                      train_dataset=dataset, processing_class=processor)
+        # answers not padded with EOS: each kind keeps one exact shape, the canvas it is asked on (`answer_canvases`)
+        args = DiffusionSFTConfig(**common, stage=stage, time_epsilon=settings.time_epsilon[index],
+                                  pad_answers_with_eos=False)
+        trainer = DiffusionSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
     start = time.perf_counter()
-    trainer.train()
+    quiet_trainer(trainer, "LLaVA" if autoregressive else "LLaDA-V").train()  # three progress lines a stage
     return time.perf_counter() - start
 
 
 # ---- 4. evaluation ----
 
 
-def ask(model, processor, items: list[tuple[Image.Image, str]], settings, autoregressive: bool) -> list[str]:
-    """Greedy answers to (image, prompt text) items, cut at the first end token."""
+def ask(model, processor, items: list[tuple[Image.Image, str]], settings, autoregressive: bool,
+        canvas: int) -> list[str]:
+    """Greedy answers to (image, prompt text) items, cut at the first end token. LLaDA-V fills a canvas of exactly
+    `canvas` masks (one token per step); LLaVA generates up to `settings.answer_tokens` and stops at its end token."""
     from .streaming_llada import truncate_at_eos
 
     tokenizer = processor.tokenizer
@@ -333,8 +367,7 @@ def ask(model, processor, items: list[tuple[Image.Image, str]], settings, autore
                 out = model.generate(**inputs, max_new_tokens=settings.answer_tokens, do_sample=False,
                                      eos_token_id=ends, pad_token_id=ends[0])
             else:
-                out = model.generate(**inputs, max_new_tokens=settings.answer_tokens, steps=settings.answer_tokens,
-                                     block_length=settings.answer_tokens)
+                out = model.generate(**inputs, max_new_tokens=canvas, steps=canvas, block_length=canvas)
         new = out[:, inputs["input_ids"].shape[1]:]
         answers += [t.strip() for t in tokenizer.batch_decode(truncate_at_eos(new, ends), skip_special_tokens=True)]
     model.train()
@@ -347,14 +380,50 @@ def chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def evaluate(model, processor, data, settings, autoregressive: bool) -> tuple[dict, dict]:
-    """Exact match (%) of captions, answers and final reasoning answers on the held-out pictures, and the answers."""
+def answer_canvases(data: dict, processor) -> dict[str, int]:
+    """LLaDA-V's canvas for each kind of ask: the length in tokens of that kind's trained answers, as the diffusion
+    trainer's own collator makes them (stage 1's captions; the one-word answers of stage 2 and of stage 3's replayed
+    questions; stage 3's chains). The longest, but every answer of a kind has the same length here (one token a word).
+
+    Why: a masked diffusion model fills exactly `max_new_tokens` masks, so the canvas is part of the question, and it
+    should be one the model was trained to fill. Trained without EOS padding, a one-word answer is two tokens (the
+    word, `<|eot_id|>`); earlier versions asked every kind on 12 masks, and filled the 10 untrained positions with
+    words after the end of turn. The answer is cut there, so the word itself barely changed (measured: the same
+    exact match on 2, 3 and 12 masks, up to 8 points lower on 12 for one run; the low scores of issue 24 had another
+    cause, see the module docstring). LLaVA needs no canvas: it stops at its end token."""
+    from .trainers.vision import DataCollatorForVisionMaskedDiffusion
+
+    eos = processor.tokenizer.eos_token
+    reasoning_question = reasoning(data["test"][0]["scene"])[0]
+    kinds: dict[str, dict[tuple, dict]] = {"caption": {}, "question": {}, "reasoning": {}}
+    for stage in STAGES:
+        for row in trainer_rows(data, stage, False, eos):
+            if stage == "projector":
+                kind, key = "caption", (row["completion"],)
+            else:
+                asked, answer = row["prompt"][-1]["content"], row["completion"][-1]["content"]
+                kind, key = "reasoning" if asked == reasoning_question else "question", (asked, answer)
+            kinds[kind].setdefault(key, row)  # one row per distinct answer: the lengths depend on the text only
+    canvases = {}
+    for kind, rows in kinds.items():
+        template = "plain" if kind == "caption" else "chat"
+        collator = DataCollatorForVisionMaskedDiffusion(processor, pad_answers_with_eos=False,
+                                                        prompt_template=template)
+        canvases[kind] = int((collator(list(rows.values()))["labels"] != -100).sum(dim=1).max())
+    return canvases
+
+
+def evaluate(model, processor, data, settings, autoregressive: bool, canvases: dict[str, int]) -> tuple[dict, dict]:
+    """Exact match (%) of captions, answers and final reasoning answers on the held-out pictures, and the answers;
+    LLaDA-V asked on each kind's trained answer length (`answer_canvases`)."""
     test = data["test"]
-    captions = ask(model, processor, [(t["image"], "<image>") for t in test], settings, autoregressive)
-    answers = ask(model, processor, [(t["image"], chat_prompt(processor, t["question"][0])) for t in test], settings,
-                  autoregressive)
-    chains = ask(model, processor, [(t["image"], chat_prompt(processor, t["reasoning"][0])) for t in test], settings,
-                 autoregressive)
+
+    def asked(items, kind):
+        return ask(model, processor, items, settings, autoregressive, canvases[kind])
+
+    captions = asked([(t["image"], "<image>") for t in test], "caption")
+    answers = asked([(t["image"], chat_prompt(processor, t["question"][0])) for t in test], "question")
+    chains = asked([(t["image"], chat_prompt(processor, t["reasoning"][0])) for t in test], "reasoning")
     n = len(test)
     scores = {
         "caption": 100 * sum(a == t["caption"] for a, t in zip(captions, test)) / n,
@@ -411,12 +480,15 @@ def run_vision_demo(output_dir: str = "outputs/demo-vision", seed: int = 0,
     print(f"LLaDA-V {sum(p.numel() for p in llada_v.parameters()) / 1e6:.2f}M parameters, LLaVA "
           f"{sum(p.numel() for p in llava.parameters()) / 1e6:.2f}M; {settings.train_scenes} pictures per stage")
     majority = majority_baseline(data)
+    canvases = answer_canvases(data, llada_v_processor)
+    print("LLaDA-V's answer canvases (the trained answer lengths, in tokens): " +
+          ", ".join(f"{kind} {length}" for kind, length in canvases.items()))
     print(format_row({"stage": "majority answer", **{f"{m} {k}": v for m in models for k, v in majority.items()}}))
     for index, stage in enumerate(STAGES):
         row = {"stage": f"{index + 1} ({stage})"}
         for name, (model, processor, autoregressive) in models.items():
             seconds[name] += train_stage(model, processor, data, stage, index, settings, output_dir, autoregressive)
-            scores, answers[name] = evaluate(model, processor, data, settings, autoregressive)
+            scores, answers[name] = evaluate(model, processor, data, settings, autoregressive, canvases)
             row.update({f"{name} {key}": value for key, value in scores.items()})
         table.append(row)
         print(format_row(row), flush=True)
@@ -425,7 +497,7 @@ def run_vision_demo(output_dir: str = "outputs/demo-vision", seed: int = 0,
             f"{majority[key]:.0f}" for key in majority if key.startswith("question: ") or key == "chain"), flush=True)
     grid = os.path.join(output_dir, "answers.png")
     answers_grid(grid, data, answers, settings.grid_pictures)
-    results = {"settings": asdict(settings), "seed": seed, "majority": majority, "table": table,
+    results = {"settings": asdict(settings), "seed": seed, "majority": majority, "canvases": canvases, "table": table,
                "train_seconds": seconds, "grid": grid,
                "answers": {"truth": [{"caption": t["caption"], "question": t["question"],
                                       "reasoning": t["reasoning"][1:]} for t in data["test"]], **answers}}

@@ -5,15 +5,17 @@ copied next to every saved checkpoint and must run where `llada_hf` is not insta
 
 How the file is built, top to bottom:
 - *Options*: every diffusion setting is declared once in `DIFFUSION_OPTIONS` (name, default, check,
-  help); `DiffusionGenerationConfig`, its `validate()` and the CLI flags come from that table. The fields
-  inherited from `GenerationConfig` are either honoured with transformers' meaning (`HONOURED_FIELDS`) or
-  refused with a message naming the diffusion setting to use (`REFUSED_FIELDS`).
+  help); `DiffusionGenerationConfig`, its `validate()` and the CLI flags come from that table. The config is a
+  whitelist: besides those settings it accepts the `GenerationConfig` fields that keep transformers' meaning
+  (`HONOURED_FIELDS`) and token ids and bookkeeping (`PASSIVE_FIELDS`); any other field set to a value that
+  does something — a field a new transformers release adds included — is refused, with the advice of
+  `REFUSED_FIELDS` where it names the diffusion setting to use.
 - *`DiffusionGenerationMixin`*: `generate()`, `infill()` and `prepare_decoding()` (settings, prompt checks,
   lengths, plan) on top of the step engine.
 
-What one denoising step does — strategies, plan and schedule, caches, parallel decoding, early exit, the
-step engine (`DiffusionDecodingState`, `DiffusionEngine`) — lives in the sibling `decoding_llada.py`; its
-public names are re-exported here.
+What one denoising step does — strategies, plan and schedule, parallel decoding, early exit, the step engine
+(`DiffusionDecodingState`, `DiffusionEngine`) — lives in the sibling `decoding_llada.py`, which imports
+nothing from this file; the key/value cache lives beside the model, in `cache_llada.py`.
 """
 
 import copy
@@ -28,27 +30,17 @@ import torch
 from transformers.generation.configuration_utils import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList
 
-from .configuration_llada import check_pad_is_not_mask
+from .cache_llada import CACHE_ATTENTION_BACKENDS
+from .configuration_llada import check_pad_is_not_mask, check_token_ids
 from .decoding_llada import (
-    CACHE_ATTENTION_BACKENDS,
     REMASKING_STRATEGIES,
     Block,
-    DiffusionCache,
     DiffusionDecodingState,
-    DiffusionEngine,
     DiffusionGenerationOutput,
-    EntropyRemasking,
-    LowConfidenceRemasking,
-    MarginRemasking,
-    RandomRemasking,
     RemaskingStrategy,
-    classifier_free_guidance,
     left_pad,
     plan_blocks,
-    register_remasking_strategy,
-    tokens_per_step,
 )
-from .streaming_llada import TextDiffusionStreamer, render_draft
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,6 +147,10 @@ DIFFUSION_OPTIONS: tuple[GenerationOption, ...] = (
                      SCORE_DTYPES[1:]),
     GenerationOption("early_exit", False, _boolean,
                      "stop a row once its answer is decided up to an EOS (the rest is filled with EOS)", bool),
+    GenerationOption("stop_token_ids", None, _token_id_or_ids,
+                     "once one of these ids is committed, commit only masks before it, end the answer there and fill "
+                     "the rest with EOS: the official LLaDA-V stop rule (its demo and evaluation stop at "
+                     "`<|eot_id|>`)", None),
     GenerationOption("kv_cache", None, _one_of(*KV_CACHE_MODES),
                      "Fast-dLLM key/value cache: prefix or dual (default: none)", str, KV_CACHE_MODES[1:]),
     GenerationOption("confidence_threshold", None, _in_unit_interval,
@@ -206,8 +202,9 @@ HONOURED_FIELDS: dict[str, tuple[Callable[[Any], str | None], str]] = {
                   "False turns the diffusion cache (`kv_cache`) off; True alone changes nothing"),
 }
 
-# Inherited fields with no diffusion meaning: (value(s) that mean "off", what to use instead). A field set
-# to anything else is refused, never silently ignored.
+# Inherited fields with no diffusion meaning that old generation_config.json files or transformers users set:
+# (value(s) that mean "off", what to use instead). Advice only: every field outside the whitelist
+# (`ACCEPTED_FIELDS`) is refused when set, whether this table lists it or not (`UNLISTED_FIELD_ADVICE`).
 REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
     "num_beams": ((1,), "beam search has no diffusion counterpart; use `remasking` and `steps`"),
     "num_beam_groups": ((1,), "beam search has no diffusion counterpart; use `remasking` and `steps`"),
@@ -262,6 +259,25 @@ REFUSED_FIELDS: dict[str, tuple[tuple, str]] = {
 PASSIVE_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "compile_config",
                   "disable_compile", "transformers_version", "_from_model_config")
 
+# The whitelist: the only fields a `DiffusionGenerationConfig` may set to something that is not "off".
+ACCEPTED_FIELDS = frozenset(
+    [option.name for option in DIFFUSION_OPTIONS] + list(HONOURED_FIELDS) + list(PASSIVE_FIELDS)
+)
+UNLISTED_FIELD_ADVICE = ("generate() does not implement this field; leave it unset (its settings are "
+                         "`DiffusionGenerationConfig`'s: the diffusion options and the honoured transformers fields)")
+
+
+def _refused_field(config: GenerationConfig) -> tuple[str, Any, str] | None:
+    """(name, value, what to do instead) of the first field outside the whitelist set to a value that is not "off";
+    every attribute counts, so a field that no table lists is refused too."""
+    for name, value in vars(config).items():
+        if name.startswith("_") or name in ACCEPTED_FIELDS:  # "_": transformers' bookkeeping (hashes, flags)
+            continue
+        off_values, instead = REFUSED_FIELDS.get(name, ((), UNLISTED_FIELD_ADVICE))
+        if not _is_off(value, off_values):
+            return name, value, instead
+    return None
+
 
 def _is_off(value, off_values: tuple) -> bool:
     if value is None or (isinstance(value, (list, tuple, dict)) and len(value) == 0):
@@ -272,13 +288,12 @@ def _is_off(value, off_values: tuple) -> bool:
 class DiffusionGenerationConfig(GenerationConfig):
     """Parameters of the diffusion sampler, saved in `generation_config.json` next to the model.
 
-    It holds every setting of `DIFFUSION_OPTIONS` (steps, block_length, remasking, cfg_scale,
-    logits_eos_inf, logits_mask_inf, confidence_eos_eot_inf, score_dtype, early_exit, kv_cache,
-    confidence_threshold, parallel_factor, allow_beyond_context, output_history, mask_token_id,
-    eot_token_id; each documented there) beside the `GenerationConfig` fields. Inherited fields either keep
-    transformers' meaning (`HONOURED_FIELDS`: max_new_tokens, max_length, temperature, do_sample, top_k,
-    top_p, min_p, suppress_tokens, ...) or are refused by `validate()` with a message naming the diffusion
-    setting to use (`REFUSED_FIELDS`: num_beams, repetition_penalty, ...), so nothing is silently ignored.
+    It holds every setting of `DIFFUSION_OPTIONS` (each documented there) beside the `GenerationConfig` fields,
+    and is a whitelist: of the inherited fields, those of `HONOURED_FIELDS` keep transformers' meaning
+    (max_new_tokens, max_length, temperature, do_sample, top_k, top_p, min_p, suppress_tokens, ...) and token ids
+    are read as usual; `validate()` refuses every other field set to a value that is not "off" (num_beams,
+    repetition_penalty, ..., and any field a later transformers release adds), naming the diffusion setting to use
+    where there is one (`REFUSED_FIELDS`). Nothing is silently ignored.
 
     Example:
         ```python
@@ -324,10 +339,10 @@ class DiffusionGenerationConfig(GenerationConfig):
             problem = check(value)
             if problem is not None:
                 raise ValueError(f"`{name}` {problem}, got {value!r}.")
-        for name, (off_values, instead) in REFUSED_FIELDS.items():
-            value = getattr(self, name, None)
-            if not _is_off(value, off_values):
-                raise ValueError(f"`{name}={value!r}` has no meaning for masked diffusion: {instead}.")
+        refused = _refused_field(self)
+        if refused is not None:
+            name, value, instead = refused
+            raise ValueError(f"`{name}={value!r}` has no meaning for masked diffusion: {instead}.")
         for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
             problem = _token_id_or_ids(getattr(self, name, None))
             if problem is not None:
@@ -414,12 +429,21 @@ def _over_model_settings(model_config: DiffusionGenerationConfig, settings) -> D
     return config
 
 
+def _infill_block(x: torch.LongTensor, config: DiffusionGenerationConfig) -> Block:
+    """The plan of `infill`: one block over the whole sequence [B, L], in `steps` steps (default and most: one per
+    mask of the row that has the most)."""
+    most_masks = int((x == config.mask_token_id).sum(1).max())
+    if most_masks == 0:
+        raise ValueError(f"`input_ids` contains no mask token (id {config.mask_token_id}) to fill.")
+    return Block(0, x.shape[1], min(config.steps or most_masks, most_masks))
+
+
 class DiffusionGenerationMixin:
     """Gives `LladaForMaskedDiffusion` the diffusion `generate()` (and `infill()`, `prepare_decoding()`).
 
     It never decodes left to right: every call runs the masked-diffusion sampler through the step engine.
-    Any model whose forward takes `input_ids | inputs_embeds, attention_mask, cache, logits_to_keep` and
-    returns `.logits` can use it (LLaDA-V does, from `inputs_embeds`).
+    Any model whose forward takes `input_ids | inputs_embeds, attention_mask, cache, logits_to_keep,
+    check_input_ids` and returns `.logits` can use it (LLaDA-V does, from `inputs_embeds`).
     """
 
     generation_config_class = DiffusionGenerationConfig
@@ -524,7 +548,7 @@ class DiffusionGenerationMixin:
         state = self.prepare_decoding(
             input_ids, attention_mask, generation_config=generation_config, logits_processor=logits_processor,
             stopping_criteria=stopping_criteria, streamer=streamer, generator=generator,
-            inputs_embeds=inputs_embeds, **kwargs,
+            inputs_embeds=inputs_embeds, infill=False, **kwargs,  # an answer is appended; `infill` is the other mode
         )
         while not state.done:
             state.step()
@@ -556,18 +580,8 @@ class DiffusionGenerationMixin:
             False
             ```
         """
-        config = self._diffusion_config(None, dict(kwargs, max_new_tokens=1))
-        input_ids, attention_mask = self._prompt_tensors(input_ids, attention_mask, config)
-        x, attention_mask = self._prepare_sequence(input_ids, attention_mask, config, answer_length=0)
-        masks_per_row = (x == config.mask_token_id).sum(1)
-        if int(masks_per_row.max()) == 0:
-            raise ValueError(f"`input_ids` contains no mask token (id {config.mask_token_id}) to fill.")
-        steps = min(steps or int(masks_per_row.max()), int(masks_per_row.max()))
-        if steps <= 0:
-            raise ValueError(f"`steps` must be a positive integer, got {steps}.")
-        # The whole sequence plays the answer's part: outputs describe every position.
-        state = DiffusionDecodingState(self, x, attention_mask, 0, [Block(0, x.shape[1], steps)], config,
-                                       generator=generator)
+        state = self.prepare_decoding(input_ids, attention_mask, generator=generator, infill=True, steps=steps,
+                                      **kwargs)
         while not state.done:
             state.step()
         return state.output()
@@ -582,11 +596,15 @@ class DiffusionGenerationMixin:
         streamer=None,
         generator: torch.Generator | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        infill: bool = False,
         **kwargs,
     ) -> DiffusionDecodingState:
         """Steps 1-3 of `generate` (settings, sequence, plan): a `DiffusionDecodingState` ready to `step()`.
 
-        Takes the arguments of `generate`. Example: see `DiffusionDecodingState`.
+        Takes the arguments of `generate`. With `infill=True` no answer is appended: the masks already in
+        `input_ids` are decoded where they are, as one block over the whole sequence in `steps` steps (default and
+        most: one per mask of the longest row), and outputs describe every position (what `infill` does).
+        Example: see `DiffusionDecodingState`.
         """
         # 1. Settings and the initial sequence
         config = self._diffusion_config(generation_config, kwargs)
@@ -604,13 +622,15 @@ class DiffusionGenerationMixin:
             attention_mask = attention_mask.repeat_interleave(repeats, dim=0) if attention_mask is not None else None
             prompt_embeds = prompt_embeds.repeat_interleave(repeats, dim=0) if prompt_embeds is not None else None
         prompt_length = input_ids.shape[1]
-        self._resolve_lengths(config, prompt_length)
-        embedded = prompt_embeds is not None
-        x, attention_mask = self._prepare_sequence(input_ids, attention_mask, config, embedded=embedded)
+        answer_length = self._answer_length(config, prompt_length, infill)
+        x, attention_mask = self._prepare_sequence(input_ids, attention_mask, config, answer_length,
+                                                   embedded=prompt_embeds is not None)
         # 2. Plan (3., the schedule, is made by the state at each block's first step)
-        answer_length = config.max_new_tokens
-        blocks = plan_blocks(prompt_length, answer_length, config.block_length or answer_length,
-                             config.steps or answer_length)
+        if infill:  # the whole sequence plays the answer's part
+            blocks, prompt_length = [_infill_block(x, config)], 0
+        else:
+            blocks = plan_blocks(prompt_length, answer_length, config.block_length or answer_length,
+                                 config.steps or answer_length)
         return DiffusionDecodingState(self, x, attention_mask, prompt_length, blocks, config,
                                       prompt_embeds=prompt_embeds, logits_processor=logits_processor,
                                       stopping_criteria=stopping_criteria, streamer=streamer, generator=generator)
@@ -681,6 +701,8 @@ class DiffusionGenerationMixin:
                 f"`input_ids` is on {input_ids.device} but the model is on {self.device}; move it with "
                 "`.to(model.device)`."
             )
+        # Once per call: every later id is one the sampler commits, so its forwards skip the model's own check.
+        check_token_ids(input_ids, self.config.get_text_config().vocab_size)
         if attention_mask is None and config.pad_token_id is not None:
             if input_ids.shape[0] > 1 and bool((input_ids[:, 0] == config.pad_token_id).any()):
                 warnings.warn(
@@ -706,9 +728,13 @@ class DiffusionGenerationMixin:
                             f"cast it with `.to({dtype})`.")
         return inputs_embeds, attention_mask
 
-    def _resolve_lengths(self, config: DiffusionGenerationConfig, prompt_length: int) -> None:
-        """`max_length`/`min_length` (which count the prompt) become answer lengths; refuse, before anything is
-        allocated, a sequence longer than the model's context (or warn, with `allow_beyond_context=True`)."""
+    def _answer_length(self, config: DiffusionGenerationConfig, prompt_length: int, infill: bool) -> int:
+        """The number of masks to append (none when infilling): `max_length`/`min_length` (which count the prompt)
+        become answer lengths; refuse, before anything is allocated, a sequence longer than the model's context (or
+        warn, with `allow_beyond_context=True`)."""
+        if infill:
+            self._check_context(config, prompt_length, 0)
+            return 0
         if config.max_new_tokens is None:
             if config.max_length is None:
                 raise ValueError("Pass `max_new_tokens` (the answer length) or `max_length` (prompt + answer).")
@@ -718,16 +744,20 @@ class DiffusionGenerationMixin:
             config.max_new_tokens = config.max_length - prompt_length
         if config.min_length:
             config.min_new_tokens = max(config.min_new_tokens or 0, config.min_length - prompt_length)
-        total = prompt_length + config.max_new_tokens
+        self._check_context(config, prompt_length, config.max_new_tokens)
+        return config.max_new_tokens
+
+    def _check_context(self, config: DiffusionGenerationConfig, prompt_length: int, answer_length: int) -> None:
+        total = prompt_length + answer_length
         context = getattr(self.config, "max_position_embeddings", None)
         if context is not None and total > context:
-            message = (f"The prompt ({prompt_length} tokens) + `max_new_tokens` ({config.max_new_tokens}) = {total} "
+            message = (f"The prompt ({prompt_length} tokens) + `max_new_tokens` ({answer_length}) = {total} "
                        f"positions, more than the model's context (`max_position_embeddings` = {context}).")
             if not config.allow_beyond_context:
                 raise ValueError(message + " Shorten the prompt or the answer, or pass `allow_beyond_context=True`.")
-            warnings.warn(message + " Going on (`allow_beyond_context=True`).", UserWarning, stacklevel=4)
+            warnings.warn(message + " Going on (`allow_beyond_context=True`).", UserWarning, stacklevel=5)
 
-    def _prepare_sequence(self, input_ids, attention_mask, config, answer_length=None, embedded=False):
+    def _prepare_sequence(self, input_ids, attention_mask, config, answer_length: int, embedded=False):
         """Check the prompt and append the masked answer: returns x [B, P + G] and its attention mask."""
         batch_size, prompt_length = input_ids.shape
         if attention_mask is not None:
@@ -747,7 +777,6 @@ class DiffusionGenerationMixin:
                 )
             if not embedded and bool(((input_ids == config.mask_token_id) & (attention_mask == 0)).any()):
                 raise ValueError("Padding positions hold the mask token; pad with another token (LLaDA uses EOS).")
-        answer_length = config.max_new_tokens if answer_length is None else answer_length
         answer = torch.full((batch_size, answer_length), config.mask_token_id, dtype=torch.long, device=self.device)
         x = torch.cat([input_ids.long(), answer], dim=1)  # [B, P + G]
         if attention_mask is not None:
@@ -758,25 +787,10 @@ class DiffusionGenerationMixin:
 __all__ = [
     "DIFFUSION_OPTIONS",
     "HONOURED_FIELDS",
+    "PASSIVE_FIELDS",
     "REFUSED_FIELDS",
+    "ACCEPTED_FIELDS",
     "GenerationOption",
     "DiffusionGenerationConfig",
     "DiffusionGenerationMixin",
-    "DiffusionGenerationOutput",
-    "DiffusionDecodingState",
-    "DiffusionEngine",
-    "RemaskingStrategy",
-    "LowConfidenceRemasking",
-    "RandomRemasking",
-    "MarginRemasking",
-    "EntropyRemasking",
-    "REMASKING_STRATEGIES",
-    "register_remasking_strategy",
-    "TextDiffusionStreamer",
-    "render_draft",
-    "DiffusionCache",
-    "classifier_free_guidance",
-    "left_pad",
-    "plan_blocks",
-    "tokens_per_step",
 ]

@@ -31,8 +31,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_llada import LladaConfig
-from .generation_llada import DiffusionCache, DiffusionGenerationMixin
+from .cache_llada import DiffusionCache
+from .configuration_llada import LladaConfig, check_token_ids
+from .generation_llada import DiffusionGenerationMixin
 
 
 # Official GSAI-ML parameter names -> ours. `ff_out` names both the per-block down projection and the
@@ -292,12 +293,15 @@ class LladaModel(LladaPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        check_input_ids: bool = True,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """`check_input_ids=False` skips the check that every id is a row of the embedding (host syncs): for callers
+        whose ids are known to be in range, such as the sampler, which checks the prompt once per `generate`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
-            self._check_input_ids(input_ids)
+            self._check_input_ids(input_ids, check_range=check_input_ids)
             inputs_embeds = self.embed_tokens(input_ids)  # [B, L, hidden]
         batch_size, length = inputs_embeds.shape[:2]
         if length == 0:
@@ -324,18 +328,13 @@ class LladaModel(LladaPreTrainedModel):
             )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
-    def _check_input_ids(self, input_ids: torch.LongTensor) -> None:
+    def _check_input_ids(self, input_ids: torch.LongTensor, check_range: bool = True) -> None:
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must be 2-D [batch, length], got shape {tuple(input_ids.shape)}.")
         if input_ids.is_floating_point():
             raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
-        if input_ids.numel() and not torch.compiler.is_compiling():
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(
-                    f"Token ids must lie in [0, {self.config.vocab_size}) (the embedding's rows); got ids in "
-                    f"[{low}, {high}]. Check that the tokenizer matches the model."
-                )
+        if check_range and not torch.compiler.is_compiling():  # a host sync cannot be compiled
+            check_token_ids(input_ids, self.config.vocab_size)
 
 
 def _check_attention_mask(attention_mask: torch.Tensor | None, batch_size: int, kv_length: int) -> None:
@@ -394,7 +393,9 @@ class LladaForMaskedDiffusion(DiffusionGenerationMixin, LladaPreTrainedModel):
         `labels` are *not* shifted: position i is scored against `labels[:, i]` (a masked diffusion model
         predicts the token at its own position). The 1/t weighting of the diffusion loss lives in the
         trainer. `logits_to_keep` (int = last N positions, or a tensor of positions) limits the LM head
-        to the positions that are needed, as in transformers' causal LMs.
+        to the positions that are needed, as in transformers' causal LMs. `check_input_ids=False` (passed on to
+        the body) skips the check that every id is a row of the embedding; the sampler passes it, having checked
+        its prompt once per `generate`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -437,7 +438,8 @@ class LladaForMaskedDiffusion(DiffusionGenerationMixin, LladaPreTrainedModel):
 
 
 BUNDLE_FILES = (
-    "configuration_llada.py", "modeling_llada.py", "generation_llada.py", "decoding_llada.py", "streaming_llada.py"
+    "configuration_llada.py", "modeling_llada.py", "cache_llada.py", "generation_llada.py", "decoding_llada.py",
+    "streaming_llada.py",
 )
 VISION_BUNDLE_FILES = ("configuration_llada_v.py", "modeling_llada_v.py", "processing_llada_v.py")  # LLaDA-V, on top
 

@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 import unicodedata
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -45,6 +46,21 @@ def end_token_ids(tokenizer=None, generation_config=None) -> list[int]:
     return sorted(set(ids))
 
 
+def answer_end(ids: Sequence[int], eos_token_ids: Collection[int]) -> int:
+    """Where the answer in `ids` ends: the position of its first end token (EOS / EoT), or `len(ids)` when it holds
+    none. `generate` fills every answer position, so what comes after the first end token is not part of the answer;
+    every cut of an answer (`truncate_at_eos`, `TextDiffusionStreamer`, `llada-hf serve`) asks this function.
+
+    Example:
+        ```python
+        >>> from llada_hf.streaming_llada import answer_end
+        >>> answer_end([5, 6, 1, 7], eos_token_ids={1, 2}), answer_end([8, 9], eos_token_ids={1, 2})
+        (2, 2)
+        ```
+    """
+    return next((position for position, token in enumerate(ids) if token in eos_token_ids), len(ids))
+
+
 def truncate_at_eos(sequences, eos_token_ids) -> list[list[int]]:
     """Each answer up to (not including) its first end token: what was committed after it is not part of it.
 
@@ -64,7 +80,7 @@ def truncate_at_eos(sequences, eos_token_ids) -> list[list[int]]:
     if any(not isinstance(row, list) for row in rows):
         raise TypeError("truncate_at_eos takes a batch of sequences ([batch, length]); wrap a single one: [ids].")
     ends = set(_id_list(eos_token_ids))
-    return [row[: next((i for i, token in enumerate(row) if token in ends), len(row))] for row in rows]
+    return [row[: answer_end(row, ends)] for row in rows]
 
 
 def render_draft(ids: list[int], tokenizer, mask_token_id: int, mask_symbol: str = "░", **decode_kwargs) -> str:
@@ -185,7 +201,7 @@ class TextDiffusionStreamer(TransformersTextDiffusionStreamer):
                 "TextDiffusionStreamer needs the mask token id to draw drafts: pass "
                 "`mask_token_id=model.config.mask_token_id`, or set `tokenizer.mask_token = '<|mdm_mask|>'`."
             )
-        self.eos_token_ids = None if eos_token_ids is None else _id_list(eos_token_ids)
+        self.eos_token_ids = None if eos_token_ids is None else set(_id_list(eos_token_ids))
         self.prefix = prefix
         self.live = sys.stdout.isatty() if live is None else live
         self.drafts: list[str] = []
@@ -217,9 +233,9 @@ class TextDiffusionStreamer(TransformersTextDiffusionStreamer):
         if self._ended:
             return
         if self.eos_token_ids is not None:
-            kept = truncate_at_eos([ids.tolist()], self.eos_token_ids)[0]
-            self._ended = len(kept) < len(ids)
-            ids = ids[: len(kept)]
+            end = answer_end(ids.tolist(), self.eos_token_ids)
+            self._ended = end < len(ids)
+            ids = ids[:end]
         super().put(ids)
 
     def put_draft(self, value: torch.LongTensor, **kwargs) -> None:
@@ -228,7 +244,7 @@ class TextDiffusionStreamer(TransformersTextDiffusionStreamer):
             raise ValueError("TextDiffusionStreamer only supports batch size 1")
         ids = self._committed_ids + value.reshape(-1).tolist()
         if self.eos_token_ids is not None:
-            ids = truncate_at_eos([ids], self.eos_token_ids)[0]
+            ids = ids[: answer_end(ids, self.eos_token_ids)]
         text = render_draft(ids, self.tokenizer, self.mask_token_id, self.mask_symbol, **self.decode_kwargs)
         self.drafts.append(text)
         self.on_draft_text(text)
@@ -268,4 +284,4 @@ class TextDiffusionStreamer(TransformersTextDiffusionStreamer):
         print(f"\r{up}\x1b[J{text}", end="", flush=True)
 
 
-__all__ = ["EOT_TOKEN", "TextDiffusionStreamer", "end_token_ids", "render_draft", "truncate_at_eos"]
+__all__ = ["EOT_TOKEN", "TextDiffusionStreamer", "answer_end", "end_token_ids", "render_draft", "truncate_at_eos"]

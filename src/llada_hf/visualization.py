@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .generation_llada import render_draft
+from .streaming_llada import render_draft
 
 
 def decoding_order_png(

@@ -6,8 +6,8 @@
 
 import sys
 
-from ..cli import cmd_eval
+from llada_hf_cli import main
 
 
 if __name__ == "__main__":
-    cmd_eval(sys.argv[1:])
+    sys.exit(main(["eval", *sys.argv[1:]]))

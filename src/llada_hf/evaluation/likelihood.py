@@ -16,6 +16,7 @@ its evidence lower bound (ELBO), estimated by Monte Carlo exactly as the officia
 Unlike the official code (one pair at a time), rows of several pairs share a forward pass here:
 pairs of similar length are left-padded into one batch, and only the answer slots go through the
 LM head (`logits_to_keep`). The random draws happen on the CPU, so results do not depend on the device.
+The mask schedule, the masks and the row losses are `llada_hf.elbo`'s, shared with the preference trainer.
 """
 
 import math
@@ -23,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..generation_llada import classifier_free_guidance, left_pad
+from ..decoding_llada import classifier_free_guidance, left_pad
+from ..elbo import masked_row_losses, official_mask_counts, random_masks_with_counts
 
 
 TokenIds = Sequence[int] | torch.Tensor | str
@@ -295,23 +296,6 @@ def _chunks(items: list, size: int) -> list[list]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def official_mask_counts(answer_length: int, rows: int, k: int) -> torch.Tensor:
-    """Masked-token counts of an `rows`-row group: spread evenly over 1..L starting at k (official schedule).
-
-    Computed with the official float32 operations, whose roundings at exact halves decide some counts.
-
-    Example:
-        ```python
-        >>> from llada_hf.evaluation.likelihood import official_mask_counts
-        >>> official_mask_counts(answer_length=4, rows=4, k=3).tolist()
-        [3, 4, 1, 2]
-        ```
-    """
-    end = torch.tensor(k) + (rows - 1) * (answer_length / rows)  # an int tensor plus a float: float32
-    spread = torch.round(torch.linspace(float(k), end, steps=rows)).long()  # [rows]
-    return (spread - 1) % answer_length + 1
-
-
 def _draw_group_masks(
     answer_length: int, rows: int, generator: torch.Generator | None, balanced: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,31 +303,6 @@ def _draw_group_masks(
     k = int(torch.randint(1, answer_length + 1, (), generator=generator))
     counts = official_mask_counts(answer_length, rows, k)  # [rows]
     return random_masks_with_counts(counts, answer_length, generator, balanced), counts
-
-
-def random_masks_with_counts(
-    counts: torch.Tensor, answer_length: int, generator: torch.Generator | None = None, balanced: bool = False
-) -> torch.Tensor:
-    """Masks over an answer of `answer_length` tokens, [rows, L] bool: row j masks `counts[j]` positions, a
-    uniformly random subset of that size (also with `balanced=True`, where the rows share one random order and
-    mask consecutive cyclic windows of it, so every position is masked about equally often).
-
-    Example:
-        ```python
-        >>> import torch
-        >>> from llada_hf.evaluation.likelihood import random_masks_with_counts
-        >>> masks = random_masks_with_counts(torch.tensor([1, 3]), 4, torch.Generator().manual_seed(0))
-        >>> masks.sum(dim=1).tolist()
-        [1, 3]
-        ```
-    """
-    if balanced:
-        # One shared random order; row j masks the cyclic window that starts where row j-1's ended.
-        order = torch.rand(1, answer_length, generator=generator).argsort(dim=1).argsort(dim=1)  # [1, L] ranks
-        starts = (torch.cumsum(counts, 0) - counts) % answer_length  # [rows]
-        return (order - starts[:, None]) % answer_length < counts[:, None]  # [rows, L]
-    ranks = torch.rand(len(counts), answer_length, generator=generator).argsort(dim=1).argsort(dim=1)  # [rows, L]
-    return ranks < counts[:, None]
 
 
 def _chunk_row_losses(
@@ -378,39 +337,6 @@ def _chunk_row_losses(
     lengths = torch.tensor([len(pair.answer) for pair in rows], dtype=torch.float64)
     row_losses = masked_row_losses(logits, targets, is_masked, lengths / counts)  # [R], float64 on the CPU
     return list(row_losses.split([group.rows for group in chunk]))
-
-
-def masked_row_losses(
-    logits: torch.Tensor, targets: torch.Tensor, is_masked: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """`weights[r]` times the summed cross-entropy of row r's masked slots: the ELBO row losses when
-    `weights` = L / l (answer length over masked count). [R], in the dtype and on the device of `weights`.
-
-    The cross-entropy is computed in float32 on the logits' device and is differentiable: the evaluation sums it
-    in float64 on the CPU, the preference trainer (`DiffusionDPOTrainer`) keeps it on the device with gradients.
-
-    Args:
-        logits: `[R, A, V]` logits of the answer slots.
-        targets: `[R, A]` the original tokens.
-        is_masked: `[R, A]` bool, the masked slots that are scored.
-        weights: `[R]` weight of each row.
-
-    Example:
-        ```python
-        >>> import torch
-        >>> from llada_hf.evaluation.likelihood import masked_row_losses
-        >>> logits = torch.zeros(1, 2, 4)  # uniform predictions: each masked token costs log 4
-        >>> scored = torch.tensor([[True, False]])
-        >>> losses = masked_row_losses(logits, torch.tensor([[1, 2]]), scored, weights=torch.tensor([2.0]))
-        >>> round(losses.item(), 4)  # 2 * log 4
-        2.7726
-        ```
-    """
-    selected = is_masked.to(logits.device)
-    token_losses = F.cross_entropy(logits[selected].float(), targets.to(logits.device)[selected], reduction="none")
-    masked_rows = is_masked.nonzero()[:, 0].to(weights.device)  # row of every masked token
-    summed = torch.zeros_like(weights).index_add(0, masked_rows, token_losses.to(weights))  # [R]
-    return weights * summed
 
 
 def _left_padded(pairs: list[_Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

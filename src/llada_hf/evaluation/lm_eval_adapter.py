@@ -30,7 +30,7 @@ from lm_eval.api.registry import register_model
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 import llada_hf  # noqa: F401  (registers LLaDA with the Auto classes)
-from llada_hf.generation_llada import left_pad
+from llada_hf.decoding_llada import left_pad
 from llada_hf.streaming_llada import end_token_ids, truncate_at_eos
 
 from .likelihood import greedy_match, log_likelihood

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generation_llada import left_pad
+from ..decoding_llada import left_pad
 from ..streaming_llada import end_token_ids, truncate_at_eos
 
 

@@ -190,7 +190,7 @@ def publish_folder(
         >>> _ = tokenizer.save_pretrained(folder)
         >>> plan = publish_folder(folder, "alice/tiny-llada", dry_run=True)
         >>> plan.files[:3]
-        ['README.md', 'chat_template.jinja', 'config.json']
+        ['README.md', 'cache_llada.py', 'chat_template.jinja']
         ```
     """
     check_repo_id(repo_id)
@@ -246,8 +246,8 @@ def add_card_and_code(
         >>> folder = tempfile.mkdtemp()
         >>> card = add_card_and_code(folder, LladaForMaskedDiffusion(config), repo_id="alice/tiny-llada")
         >>> sorted(os.listdir(folder))
-        ['README.md', 'configuration_llada.py', 'decoding_llada.py', 'generation_llada.py', 'modeling_llada.py',
-         'streaming_llada.py']
+        ['README.md', 'cache_llada.py', 'configuration_llada.py', 'decoding_llada.py', 'generation_llada.py',
+         'modeling_llada.py', 'streaming_llada.py']
         ```
     """
     if card_options.get("merge_adapter"):

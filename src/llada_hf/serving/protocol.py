@@ -1,15 +1,19 @@
-"""The OpenAI-compatible request bodies (pydantic), the diffusion settings they carry, OpenAI-style errors, and
-the committed text of an answer as it grows.
+"""The OpenAI-compatible request bodies (pydantic), the `generate` settings they turn into, and OpenAI-style errors.
 
 OpenAI fields keep their meaning (`max_tokens`, `temperature`, `top_p`, `stop`, `seed`, `n`, `stream`); the
 diffusion settings are extra body fields with `generate`'s names (`steps`, `block_length`, `remasking`,
 `kv_cache`, `confidence_threshold`, `cfg_scale`, ...); `drafts: true` adds draft events to a stream. A field
-that has no meaning here is refused with a 400 that names it, never ignored.
+that has no meaning here is refused with a 400 that names it, never ignored. A request turns itself into
+`generate` keywords (`to_generate_kwargs`, as vLLM's `to_sampling_params`), and `check_generate_kwargs` checks them
+as the engine would, without building a decoding state.
 """
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ..decoding_llada import plan_blocks
+from ..generation_llada import DIFFUSION_OPTIONS, HONOURED_FIELDS
 
 
 class OpenAIError(Exception):
@@ -28,6 +32,20 @@ class OpenAIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
+    @classmethod
+    def from_validation(cls, problems: list[dict]) -> "OpenAIError":
+        """The 400 of a body that does not fit the schema (pydantic's first problem), naming the field."""
+        problem = problems[0] if problems else {}
+        location = [str(part) for part in problem.get("loc", ()) if part != "body"]
+        param = ".".join(location) or None
+        if problem.get("type") == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+        elif problem.get("type") in ("json_invalid", "model_attributes_type") or not location:
+            message = "The body must be a JSON object (" + problem.get("msg", "invalid JSON") + ")."
+        else:
+            message = f"Invalid value for `{param}`: {problem.get('msg', 'invalid')}."
+        return cls(400, message, param=param)
+
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                 413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
@@ -41,8 +59,6 @@ SERVER_ONLY_OPTIONS = ("allow_beyond_context",)  # the server enforces the conte
 
 
 def _diffusion_fields() -> dict:
-    from ..generation_llada import DIFFUSION_OPTIONS
-
     fields = {}
     for option in DIFFUSION_OPTIONS:
         if option.cli_type is None or option.name in SERVER_ONLY_OPTIONS:
@@ -64,6 +80,14 @@ class DiffusionFields(_DiffusionOptions):
     min_p: float | None = Field(None, ge=0, le=1, description="sampling: min-p filtering of the candidates")
     min_tokens: int | None = Field(None, ge=0, description="EOS/EoT are no candidates at the first N positions")
     drafts: bool = Field(False, description="stream a draft event (the whole answer, masks included) per step")
+
+
+# The request fields that are `generate` settings (besides the answer length), and those `generate` knows under
+# another name (an error names the request's field).
+GENERATE_FIELDS = (*DIFFUSION_SETTINGS, "temperature", "top_p", "top_k", "min_p", "min_tokens")
+GENERATE_NAMES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                  "min_tokens": "min_new_tokens"}
+REQUEST_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
 # OpenAI fields with no meaning here: (the values that mean "off", why). Anything else is a 400.
@@ -115,6 +139,16 @@ class _OpenAIFields(DiffusionFields):
     presence_penalty: Any = None
     frequency_penalty: Any = None
 
+    # the fields that set the answer length (the last one set wins)
+    LENGTH_FIELDS: ClassVar[tuple[str, ...]] = ("max_tokens",)
+
+    def to_generate_kwargs(self, defaults: dict) -> dict:
+        """The `generate` keywords of this request (as vLLM's `to_sampling_params`): `defaults` (the server's), then
+        every setting the request sets, under `generate`'s name (`max_tokens` -> `max_new_tokens`, ...)."""
+        names = (*GENERATE_FIELDS, *self.LENGTH_FIELDS)
+        return {**defaults, **{GENERATE_NAMES.get(name, name): getattr(self, name) for name in names
+                               if getattr(self, name) is not None}}
+
     def refused(self) -> tuple[str, str] | None:
         """The first field set to something this server cannot do: (name, why)."""
         for name, (off, why) in REFUSED_OPENAI_FIELDS.items():
@@ -125,6 +159,7 @@ class _OpenAIFields(DiffusionFields):
         return None
 
     def stop_strings(self) -> list[str]:
+        """`stop` as a list (at most 4 non-empty strings, as OpenAI)."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
             raise OpenAIError(400, "`stop` takes at most 4 sequences.", param="stop")
@@ -174,6 +209,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_OpenAIFields):
+    LENGTH_FIELDS: ClassVar[tuple[str, ...]] = ("max_tokens", "max_completion_tokens")
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: Any = None
@@ -191,18 +228,12 @@ class ChatCompletionRequest(_OpenAIFields):
     store: Any = None
     metadata: Any = None
 
-    def answer_length(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
 
 class CompletionRequest(_OpenAIFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: Any = None
     best_of: Any = None
     suffix: Any = None
-
-    def answer_length(self) -> int | None:
-        return self.max_tokens
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts: strings, or lists of token ids."""
@@ -214,66 +245,38 @@ class CompletionRequest(_OpenAIFields):
         return list(prompt)
 
 
-def settings_of(request: _OpenAIFields) -> dict:
-    """The `generate` keywords a request sets (only what it sets)."""
-    names = (*DIFFUSION_SETTINGS, "top_k", "min_p")
-    settings = {name: getattr(request, name) for name in names if getattr(request, name) is not None}
-    if request.min_tokens is not None:
-        settings["min_new_tokens"] = request.min_tokens
-    if request.temperature is not None:
-        settings["temperature"] = request.temperature
-    if request.top_p is not None:
-        settings["top_p"] = request.top_p
-    return settings
+# ---- checking the settings as the engine will ------------------------------------------------------
+
+# The check of each setting alone: the functions `DiffusionGenerationConfig.validate` runs.
+SETTING_CHECKS = {**{option.name: option.check for option in DIFFUSION_OPTIONS},
+                  **{name: check for name, (check, _) in HONOURED_FIELDS.items()}}
 
 
-# ---- the committed text of an answer -----------------------------------------------------------------
+def check_generate_kwargs(model, settings: dict) -> None:
+    """Refuse settings the engine would refuse, with the 400 that names the field, before the request is queued.
 
-class AnswerText:
-    """The text of one answer as its committed prefix grows: what may be sent now, and when it is whole.
-
-    `update(ids)` takes the committed answer ids (left to right, no masks); the text is cut at the first end token
-    (EOS / EoT) or stop string. Text that could still change is held back: a trailing incomplete character
-    (byte-level tokens) and an ending that may be the start of a stop string. `update(ids, final=True)` when the
-    row is done. `finish_reason` is "stop" (an end token or stop string) or "length".
+    These are the checks of `prepare_decoding`, run on the settings alone (no decoding state is built, nothing
+    touches the device): each value alone (so the error knows its field), then the settings together (the call's
+    generation config, validated as `generate` builds it), then the block plan.
     """
+    for name in [name for name in settings if name in SETTING_CHECKS]:
+        problem = SETTING_CHECKS[name](settings[name])
+        if problem is not None:
+            field = REQUEST_NAMES.get(name, name)
+            raise _invalid_settings(f"`{field}` {problem}, got {settings[name]!r}.", field)
+    try:
+        config = model._diffusion_config(None, dict(settings))  # step 1 of `prepare_decoding`: the call's settings
+    except (ValueError, TypeError) as error:
+        raise _invalid_settings(str(error).strip().splitlines()[0], None) from None
+    length = config.max_new_tokens
+    try:
+        plan_blocks(0, length, config.block_length or length, config.steps or length)
+    except ValueError as error:
+        raise _invalid_settings(str(error), "steps") from None
 
-    def __init__(self, tokenizer, end_token_ids, stop: list[str] | None = None):
-        self.tokenizer = tokenizer
-        self.end_token_ids = set(end_token_ids)
-        self.stop = list(stop or [])
-        self.sent = ""
-        self.done = False
-        self.finish_reason: str | None = None
-        self.tokens = 0
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def update(self, ids: list[int], final: bool = False) -> str:
-        """The new text that may be sent ("" when none)."""
-        if self.done:
-            return ""
-        end = next((i for i, token in enumerate(ids) if token in self.end_token_ids), None)
-        ended = end is not None
-        ids = ids[:end] if ended else ids
-        text = self.decode(ids)
-        stops = [position for position in (text.find(stop) for stop in self.stop) if position >= 0]
-        if stops:
-            text, ended = text[: min(stops)], True
-        if ended or final:
-            self.done = True
-            self.finish_reason = "stop" if ended else "length"
-            safe = text
-        else:
-            safe = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its other bytes
-            hold = max((k for stop in self.stop for k in range(1, len(stop)) if safe.endswith(stop[:k])), default=0)
-            safe = safe[: len(safe) - hold]
-        self.tokens = len(ids)
-        if not safe.startswith(self.sent):  # decoding changed earlier text: send nothing more until it settles
-            return ""
-        delta, self.sent = safe[len(self.sent):], safe if len(safe) >= len(self.sent) else self.sent
-        return delta
+def _invalid_settings(message: str, field: str | None) -> OpenAIError:
+    return OpenAIError(400, message, param=field, code="invalid_settings")
 
 
 ChatCompletionRequest.model_rebuild()

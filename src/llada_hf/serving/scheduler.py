@@ -3,17 +3,20 @@
 Requests are queued by the web handlers (`Scheduler.submit`); at each step boundary the loop admits the queued
 requests that fit (`max_batch` rows), adds them to the engine, runs one denoising step for every running row,
 and reports to each request through its `sink` (called on this thread; the web app forwards the events to its
-event loop):
+event loop). This thread decides where each answer ends and what its text is (`output.AnswerOutput`): the web
+handlers only format the events.
 
-- `Event("progress", index, committed=..., draft=...)` after a step: `committed` is the answer's decided
-  prefix (token ids up to the first masked position, final: masked diffusion never changes a committed token),
-  `draft` the whole answer with mask ids in place (only for requests that asked for drafts);
-- `Event("finished", index, answer=...)` when a row is done: its answer ids (cut at the first end token);
+- `Event("progress", index, text=..., draft=...)` after a step, for streams: `text` is the text that became final
+  (masked diffusion never changes a committed token, and the decided prefix grows left to right), `draft` the
+  canvas (only for requests that asked for drafts);
+- `Event("finished", index, text=..., finish_reason=..., answer=...)` when a row is done: the rest of its text
+  (all of it when the request does not stream), why it ended, and its answer ids (cut at the first end token);
 - `Event("error", status=..., message=...)` when the request fails (the other requests go on).
 
-A row leaves the engine when it is finished, when its committed prefix holds an end token (EOS / EoT: the rest
-of the answer can no longer change what is returned), or when its request is cancelled (`Request.cancel`: the
-client disconnected, or a stop string was found), always at a step boundary.
+A row leaves the engine when it is finished, when its decided prefix holds an end token (EOS / EoT: the rest of
+the answer can no longer change what is returned) or a stop string, or when its request is cancelled
+(`Request.cancel`: the client disconnected), always at a step boundary. After each step the loop reads each
+state's canvas in one device-to-host copy, however many rows it holds.
 
 Batching: the requests admitted at one step boundary with the same settings are added in one `engine.add`
 (a left-padded batch: one state, one forward); the engine runs every cache-less state of a step as one forward
@@ -37,7 +40,9 @@ from typing import Any
 
 import torch
 
-from ..generation_llada import DiffusionEngine, left_pad
+from ..decoding_llada import DiffusionEngine, left_pad
+from ..streaming_llada import end_token_ids as find_end_token_ids
+from .output import AnswerOutput, TokenPieces
 
 
 logger = logging.getLogger("llada_hf.serve")
@@ -53,15 +58,16 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Event:
-    """What the loop tells a request. kind: "progress", "finished" or "error"; index: the row (choice)."""
+    """What the loop tells a request (see the module docstring). kind: "progress", "finished" or "error"; index:
+    the row (choice); nfe: the row's forward passes so far."""
 
     kind: str
     index: int = 0
-    committed: list[int] | None = None
-    draft: list[int] | None = None
+    text: str = ""
+    draft: dict | None = None
+    finish_reason: str | None = None
     answer: list[int] | None = None
     nfe: int = 0
-    step: int = 0
     status: int = 500
     message: str = ""
     code: str | None = None
@@ -73,35 +79,33 @@ def _no_sink(event: Event) -> None:
 
 @dataclass
 class Request:
-    """One request: `n` rows (choices) of the same prompt, decoded with `settings` (any `generate` keyword)."""
+    """One request: `n` rows (choices) of the same prompt, decoded with `settings` (any `generate` keyword); each
+    answer ends before the first of the `stop` strings."""
 
     prompt_ids: list[int]
     settings: dict[str, Any]
     n: int = 1
     seed: int | None = None
-    drafts: bool = False
-    progress: bool = True  # send "progress" events (streams, stop strings); False: only "finished" / "error"
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False  # send "progress" events as text becomes final; False: only "finished" / "error"
+    drafts: bool = False  # add the canvas to the "progress" events
     sink: Callable[[Event], None] = _no_sink
     id: int = field(default_factory=itertools.count().__next__)
     arrived: float = field(default_factory=time.monotonic)
     started: float | None = None
     finished_rows: int = 0
     failed: bool = False
-    _cancelled: set = field(default_factory=set)
-    _complete: set = field(default_factory=set)
+    cancelled: bool = False
     _restarted: bool = False
-    _cancel_step: int | None = None  # the engine's step count when the first cancel came
+    _outputs: list[AnswerOutput] = field(default_factory=list)  # one per row; kept when the request starts again
+    _cancel_step: int | None = None  # the engine's step count when the cancel came
     _scheduler: "Scheduler | None" = None
 
-    def cancel(self, index: int | None = None, complete: bool = False) -> None:
-        """Stop decoding row `index` (every row when None) at the next step boundary. `complete`: the answer is
-        already whole (a stop string was found), so this is no cancellation in the metrics."""
-        indices = range(self.n) if index is None else [index]
-        if self._cancel_step is None and self._scheduler is not None:
+    def cancel(self) -> None:
+        """Stop decoding the request's rows at the next step boundary (its client went away)."""
+        if self._scheduler is not None and not self.cancelled:
             self._cancel_step = self._scheduler.step_index
-        self._cancelled.update(indices)
-        if complete:
-            self._complete.update(indices)
+        self.cancelled = True
         if self._scheduler is not None:
             self._scheduler._wake()
 
@@ -113,12 +117,12 @@ class Request:
 @dataclass
 class _Row:
     request: Request
-    index: int
-    row_id: int
-    state: Any  # the engine state that holds the row
-    committed: int = 0  # length of the committed prefix already reported
+    index: int  # the choice
+    row_id: int  # the engine's id
+    state: Any  # the engine state that holds the row ...
+    position: int  # ... and the row's index in it
+    output: AnswerOutput
     nfe: int = 0
-    done: bool = False
 
 
 class _Stats:
@@ -158,7 +162,9 @@ class Scheduler:
 
     Args:
         model: a model with `prepare_decoding` (`LladaForMaskedDiffusion`).
-        end_token_ids: ids that end an answer (EOS, EoT): a row whose committed prefix holds one is done.
+        tokenizer: decodes the answers (on this thread: the web handlers only format text).
+        end_token_ids: ids that end an answer (EOS, EoT): a row whose committed prefix holds one is done. Default:
+            those of the tokenizer and the model's generation config (`end_token_ids`).
         max_batch: rows decoded at once; more requests wait in the queue.
         max_queue: requests waiting beyond the running rows; `submit` raises `QueueFull` past it.
         batch_wait: when the engine is idle and a request comes while others are still being prepared by the web
@@ -169,12 +175,15 @@ class Scheduler:
         mirror: a `RankMirror` under tensor parallelism (rank 0 broadcasts what it runs), else None.
     """
 
-    def __init__(self, model, end_token_ids: list[int], max_batch: int = 32, max_queue: int = 256,
-                 batch_wait: float = 0.0, step_delay: float = 0.0, seed: int = 0, mirror=None):
+    def __init__(self, model, tokenizer, end_token_ids: list[int] | None = None, max_batch: int = 32,
+                 max_queue: int = 256, batch_wait: float = 0.0, step_delay: float = 0.0, seed: int = 0, mirror=None):
         self.model = model
+        self.tokenizer = tokenizer
         self.engine = DiffusionEngine(model)
+        if end_token_ids is None:
+            end_token_ids = find_end_token_ids(tokenizer, model.generation_config)
         self.end_token_ids = set(end_token_ids)
-        self.mask_id = model.config.mask_token_id
+        self.pieces = TokenPieces(tokenizer, model.config.mask_token_id)
         self.pad_id = _pad_id(model)
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -200,7 +209,7 @@ class Scheduler:
         if request.n > self.max_batch:
             raise ValueError(f"`n` ({request.n}) exceeds the server's batch ({self.max_batch} rows, --max-batch).")
         with self._condition:
-            if self._stopping or self._draining_until is not None:
+            if self.draining:
                 raise ShuttingDown("The server is shutting down.")
             if len(self._queue) >= self.max_queue:
                 self.stats.requests["rejected"] += 1
@@ -218,6 +227,11 @@ class Scheduler:
     def running_rows(self) -> int:
         return len(self._rows)
 
+    @property
+    def draining(self) -> bool:
+        """Shutting down: running rows may finish, no new request is taken."""
+        return self._stopping or self._draining_until is not None
+
     def retry_after(self) -> int:
         """Seconds a rejected client should wait before retrying (the `Retry-After` header of a 429)."""
         return 1
@@ -225,8 +239,10 @@ class Scheduler:
     # ---- life cycle ------------------------------------------------------------------------------
 
     def start(self) -> "Scheduler":
-        self._thread = threading.Thread(target=self._loop, name="llada-engine", daemon=True)
-        self._thread.start()
+        """Start the loop thread (once: a scheduler already started, e.g. by a test, keeps its thread)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="llada-engine", daemon=True)
+            self._thread.start()
         return self
 
     def begin_shutdown(self, grace: float) -> None:
@@ -311,7 +327,7 @@ class Scheduler:
             free = self.max_batch - len(self._rows)
             while self._queue and self._queue[0].n <= free:
                 request = self._queue.popleft()
-                if request._cancelled and len(request._cancelled) == request.n:
+                if request.cancelled:
                     self.stats.requests["cancelled"] += 1
                     continue
                 admitted.append(request)
@@ -342,26 +358,28 @@ class Scheduler:
                 return
             self._fail(request, _status_of(error), _message_of(error))
             return
-        state = self.engine.states[-1]
         now = time.monotonic()
         ids = iter(row_ids)
         for member in group:
             member.started = now
-            for index in range(member.n):
+            # A request started again after a failed step keeps its outputs: it decodes the same tokens again, and
+            # its client must not get the text it already has twice.
+            member._outputs = member._outputs or [
+                AnswerOutput(self.tokenizer, self.pieces, self.end_token_ids, member.stop, member.drafts)
+                for _ in range(member.n)]
+            for index, output in enumerate(member._outputs):
                 row_id = next(ids)
-                self._rows[row_id] = _Row(member, index, row_id, state)
+                state, position = self.engine.state_of(row_id)
+                self._rows[row_id] = _Row(member, index, row_id, state, position, output)
 
     def _apply_cancellations(self) -> None:
-        for row in list(self._rows.values()):
-            if row.index in row.request._cancelled:
-                self._engine_remove(row.row_id)
-                del self._rows[row.row_id]
-                complete = row.index in row.request._complete
-                self.stats.rows_cancelled += not complete
-                if row.request._cancel_step is not None:
-                    delay = self.step_index - row.request._cancel_step
-                    self.stats.cancel_delay_steps = max(self.stats.cancel_delay_steps, delay)
-                self._row_done(row, outcome="ok" if complete else "cancelled")
+        for row in [row for row in self._rows.values() if row.request.cancelled]:
+            self._engine_remove(row.row_id)
+            del self._rows[row.row_id]
+            self.stats.rows_cancelled += 1
+            delay = self.step_index - row.request._cancel_step
+            self.stats.cancel_delay_steps = max(self.stats.cancel_delay_steps, delay)
+            self._row_done(row)
 
     def _step(self) -> None:
         before = getattr(self.engine, "forward_passes", None)
@@ -376,9 +394,11 @@ class Scheduler:
         stepped = [row for row in self._rows.values() if id(row.state) not in failed]
         if failures:
             self._recover(failures)
-        for row in stepped:
-            row.nfe += 1
-            self._report(row)
+        for state, rows in _by_state(stepped):
+            canvases, active = _read_state(state)
+            for row in rows:
+                row.nfe += 1
+                self._report(row, canvases[row.position], finished=state.done or not active[row.position])
 
     def _recover(self, failures: list[tuple[Any, Exception]]) -> None:
         """States whose step raised: a state of one request fails it; a state shared by several requests is split,
@@ -400,36 +420,36 @@ class Scheduler:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _report(self, row: _Row) -> None:
-        """Tell the row's request what the step decided; finish the row when it is done."""
-        draft = self.engine.draft(row.row_id).tolist()
-        masked = [position for position, token in enumerate(draft) if token == self.mask_id]
-        committed = draft[: masked[0]] if masked else draft
-        end = next((position for position, token in enumerate(committed) if token in self.end_token_ids), None)
-        finished = self.engine.is_finished(row.row_id)
-        if end is not None or finished:
-            answer = committed[:end] if end is not None else _cut(draft, self.end_token_ids)
-            if finished:
-                self._engine_pop(row.row_id)
-            else:
-                self._engine_remove(row.row_id)  # decided up to its end: the rest cannot change the answer
-            del self._rows[row.row_id]
-            self.stats.finished_row(len(answer))
-            self._send(row.request, Event("finished", row.index, answer=answer, nfe=row.nfe, step=self.step_index))
-            self._row_done(row, outcome="ok")
-            return
-        if row.request.progress and (len(committed) > row.committed or row.request.drafts):
-            row.committed = len(committed)
-            self._send(row.request, Event("progress", row.index, committed=committed,
-                                          draft=draft if row.request.drafts else None, nfe=row.nfe,
-                                          step=self.step_index))
+    def _report(self, row: _Row, canvas: list[int], finished: bool) -> None:
+        """Tell the row's request what the step decided (`canvas`: its answer, masks in place; `finished`: the
+        engine is done with it); the row leaves when its answer is decided."""
+        step = row.output.update(canvas, finished)
+        if row.output.done:
+            self._finish(row, finished, step.text)
+        elif row.request.stream and (step.text or step.draft is not None):
+            self._send(row.request, Event("progress", row.index, text=step.text, draft=step.draft, nfe=row.nfe))
 
-    def _row_done(self, row: _Row, outcome: str) -> None:
+    def _finish(self, row: _Row, finished: bool, last_text: str) -> None:
+        """The row's answer is decided: it leaves the engine, and its request gets the rest of the text
+        (`last_text`, what this step made final)."""
+        if finished:
+            self._engine_pop(row.row_id)
+        else:
+            self._engine_remove(row.row_id)  # decided up to its end: the rest cannot change the answer
+        del self._rows[row.row_id]
+        output = row.output
+        self.stats.finished_row(len(output.ids))
+        # a stream has had the text before `last_text`; a request that does not stream gets all of it now
+        text = last_text if row.request.stream else output.text
+        self._send(row.request, Event("finished", row.index, text=text, finish_reason=output.finish_reason,
+                                      answer=list(output.ids), nfe=row.nfe))
+        self._row_done(row)
+
+    def _row_done(self, row: _Row) -> None:
         request = row.request
         request.finished_rows += 1
         if request.finished_rows == request.n and not request.failed:
-            cancelled = len(request._cancelled - request._complete) == request.n
-            self.stats.requests["cancelled" if cancelled else "ok"] += 1
+            self.stats.requests["cancelled" if request.cancelled else "ok"] += 1
 
     # ---- failures ----------------------------------------------------------------------------------
 
@@ -584,8 +604,20 @@ def _restartable(request: Request) -> bool:
     return not request._restarted and request.finished_rows == 0 and reproducible and not request.failed
 
 
-def _cut(ids: list[int], end_ids: set) -> list[int]:
-    return ids[: next((i for i, token in enumerate(ids) if token in end_ids), len(ids))]
+def _by_state(rows: list[_Row]) -> list[tuple[Any, list[_Row]]]:
+    """The rows grouped by the engine state that holds them: (state, its rows)."""
+    groups: dict[int, tuple[Any, list[_Row]]] = {}
+    for row in rows:
+        groups.setdefault(id(row.state), (row.state, []))[1].append(row)
+    return list(groups.values())
+
+
+def _read_state(state) -> tuple[list[list[int]], list[bool]]:
+    """Every row's answer (mask ids where still masked) and whether the row is still being decoded, in ONE
+    device-to-host copy: a copy per row would wait for the device once per row."""
+    answers = state.x[:, state.answer_start :]
+    host = torch.cat([answers, state.active[:, None].long()], dim=1).tolist()
+    return [row[:-1] for row in host], [bool(row[-1]) for row in host]
 
 
 def _status_of(error: Exception) -> int:

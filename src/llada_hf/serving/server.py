@@ -10,15 +10,13 @@ import logging
 import os
 import signal
 
-from llada_hf_cli import add_serve_options  # noqa: F401  (its former home)
+from llada_hf_cli import CliError, add_serve_options  # noqa: F401  (add_serve_options: its former home)
 
 
 logger = logging.getLogger("llada_hf.serve")
 
 
 def check_serve_args(args: argparse.Namespace) -> None:
-    from ..cli import CliError
-
     for name in ("max_batch", "max_queue", "max_body_bytes", "port"):
         value = getattr(args, name)
         if value is None or value < (0 if name == "port" else 1):
@@ -51,7 +49,7 @@ def load_for_serving(args: argparse.Namespace):
 
     import llada_hf  # noqa: F401  (registers the Auto classes)
 
-    from ..cli import CliError, check_generation_args, check_model_path
+    from ..loading import check_generation_args, check_model_path
 
     check_model_path(args.model)
     model_type = AutoConfig.from_pretrained(args.model).model_type
@@ -76,7 +74,7 @@ def load_for_serving(args: argparse.Namespace):
 
 def run_from_args(args: argparse.Namespace) -> None:
     """Load the model and serve until SIGINT/SIGTERM."""
-    from ..cli import CliError, generation_kwargs
+    from ..loading import generation_kwargs
 
     try:
         import fastapi  # noqa: F401
@@ -87,39 +85,36 @@ def run_from_args(args: argparse.Namespace) -> None:
     check_serve_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     model, tokenizer = load_for_serving(args)
-    from ..streaming_llada import end_token_ids
     from .scheduler import RankMirror, Scheduler, follow
 
-    ends = end_token_ids(tokenizer, model.generation_config)
     mirror = None
     if args.tensor_parallel:
         import torch.distributed as dist
 
         mirror = RankMirror()
         if dist.get_rank() != 0:  # rank 0 serves HTTP; the others replay its engine operations
-            from ..generation_llada import DiffusionEngine
+            from ..decoding_llada import DiffusionEngine
 
             follow(DiffusionEngine(model), mirror, seed=args.seed)
             return
-    scheduler = Scheduler(model, ends, max_batch=args.max_batch, max_queue=args.max_queue,
+    scheduler = Scheduler(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                           batch_wait=args.batch_wait_ms / 1000, step_delay=args.step_delay, seed=args.seed,
                           mirror=mirror)
     serve(model, tokenizer, scheduler, host=args.host, port=args.port, api_key=args.api_key,
           model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
           defaults=generation_kwargs(args), max_tokens_limit=args.max_tokens_limit,
           max_body_bytes=args.max_body_bytes, shutdown_grace=args.shutdown_grace, log_level=args.log_level,
-          end_token_ids=ends, trust_special_tokens=args.trust_special_tokens)
+          trust_special_tokens=args.trust_special_tokens)
 
 
 def serve(model, tokenizer, scheduler, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str = "llada", defaults: dict | None = None, max_tokens_limit: int | None = None,
           max_body_bytes: int = 1 << 20, shutdown_grace: float = 10.0, log_level: str = "info",
-          end_token_ids: list[int] | None = None, trust_special_tokens: bool = False) -> None:
+          trust_special_tokens: bool = False) -> None:
     """Serve `model` with uvicorn until SIGINT/SIGTERM; on the signal, running answers get `shutdown_grace`
     seconds to finish, then are cancelled (their clients get an error), and the process exits."""
     import uvicorn
 
-    from ..streaming_llada import end_token_ids as find_end_token_ids
     from .app import ServerConfig, create_app
 
     if not is_loopback(host) and api_key is None:
@@ -128,8 +123,7 @@ def serve(model, tokenizer, scheduler, host: str = "127.0.0.1", port: int = 8000
     config = ServerConfig(model_name=model_name, api_key=api_key, defaults=dict(defaults or {}),
                           max_tokens_limit=max_tokens_limit or context or 4096, max_body_bytes=max_body_bytes,
                           context=context, trust_special_tokens=trust_special_tokens)
-    ends = end_token_ids if end_token_ids is not None else find_end_token_ids(tokenizer, model.generation_config)
-    app = create_app(model, tokenizer, scheduler, config, ends)
+    app = create_app(model, tokenizer, scheduler, config)
     uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                     timeout_graceful_shutdown=shutdown_grace + 5)
     GracefulServer(uvicorn_config, scheduler, shutdown_grace).run()

@@ -17,7 +17,7 @@ everything `accelerate` runs.
 What changes, because TRL assumes next-token log-probabilities:
 
 - TRL patches the model's forward with a fused, *shifted* LM head (`add_fused_lm_head`); the patch is undone right
-  after `DPOTrainer.__init__`, and `compute_ref_log_probs` and `_compute_loss` are replaced: the only forward calls
+  after `DPOTrainer.__init__`, and `compute_ref_log_probs` and `compute_loss` are replaced: the only forward calls
   are masked-diffusion ones (`elbo.elbo_estimates`), never a shifted next-token sum.
 - Loss types: the ones that depend only on the (ELBO) log-ratios, `"sigmoid"` (DPO; LLaDA 1.5), `"hinge"` and
   `"ipo"`. Options defined on next-token probabilities (`use_weighting`, `ld_alpha`), f-divergences, Liger kernels
@@ -28,7 +28,6 @@ What changes, because TRL assumes next-token log-probabilities:
   (there are no next-token logits for `compute_metrics`).
 """
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,21 +35,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
 
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
-from ..tokenization import set_mask_token
-from .common import MaskTokenMixin, as_config, check_number
+from .common import (
+    adopt_mask_token,
+    as_config,
+    check_masked_diffusion_model,
+    check_number,
+    checked_model_and_processor,
+    reference_adapter,
+    restore_masked_diffusion_models,
+    tokenizer_of,
+)
 from .config import bf16_supported
 from .elbo import AnswerBatch, draw_elbo_noise, elbo_estimates, right_align
-from .fused_head import remove_fused_lm_head
 from .hub import LladaHubMixin
-from .sft import check_masked_diffusion_model
 
 
 # Loss types that are functions of the sequence log-ratios only (the ELBO replaces the log-likelihood in them).
@@ -218,7 +221,7 @@ def preference_losses(
     raise ValueError(f"Unknown loss type {loss_type!r}; use one of {list(PREFERENCE_LOSS_TYPES)}.")
 
 
-class DiffusionDPOTrainer(MaskTokenMixin, LladaHubMixin, DPOTrainer):
+class DiffusionDPOTrainer(LladaHubMixin, DPOTrainer):
     """Preference optimisation (DPO with VRPO) of masked diffusion language models (LLaDA), the TRL way.
 
     Takes the arguments of [`trl.DPOTrainer`] (a model instance or id, an optional `ref_model`, [`DiffusionDPOConfig`],
@@ -274,12 +277,9 @@ class DiffusionDPOTrainer(MaskTokenMixin, LladaHubMixin, DPOTrainer):
     ):
         args = as_config(args, model, DiffusionDPOConfig, "DiffusionDPO")
         # Checked before `DPOTrainer.__init__`, which loads and prepares everything
-        hub_kwargs = {
-            "revision": (args.model_init_kwargs or {}).get("revision"),
-            "trust_remote_code": args.trust_remote_code,
-        }
-        model_config = AutoConfig.from_pretrained(model, **hub_kwargs) if isinstance(model, str) else model.config
-        check_masked_diffusion_model(model, model_config, "DiffusionDPOTrainer", "trl.DPOTrainer")
+        model_config, processing_class = checked_model_and_processor(
+            model, args, processing_class, "DiffusionDPOTrainer", "trl.DPOTrainer"
+        )
         if ref_model is not None:
             check_masked_diffusion_model(
                 ref_model, ref_model.config, "DiffusionDPOTrainer (ref_model)", "trl.DPOTrainer"
@@ -288,7 +288,8 @@ class DiffusionDPOTrainer(MaskTokenMixin, LladaHubMixin, DPOTrainer):
         for name, data in {"train": train_dataset, **eval_datasets}.items():
             if data is not None:
                 check_preference_rows(data, name)
-        # Precomputed reference log-probabilities are drawn during `DPOTrainer.__init__`
+        # The mask token and the noise are needed by `DPOTrainer.__init__` (`precompute_ref_log_probs=True`)
+        self.mask_token_id = adopt_mask_token(model_config, tokenizer_of(processing_class))
         self._noise_generators = {
             mode: torch.Generator().manual_seed(_noise_seed(args, key))
             for mode, key in (("train", _TRAIN_SEED_KEY), ("eval", _EVAL_SEED_KEY))
@@ -308,10 +309,7 @@ class DiffusionDPOTrainer(MaskTokenMixin, LladaHubMixin, DPOTrainer):
             peft_config=peft_config,
         )
         # TRL's shifted fused head has no meaning for a masked diffusion model: our forward is used again
-        remove_fused_lm_head(self.accelerator.unwrap_model(self.model))
-        if self.ref_model is not None:
-            remove_fused_lm_head(self.accelerator.unwrap_model(self.ref_model))
-        set_mask_token(self._tokenizer, self.mask_token_id)  # saved with the model, so tools reading it find the mask
+        restore_masked_diffusion_models(self, self.mask_token_id)
 
     # ---- The ELBO estimates ----
 
@@ -334,18 +332,13 @@ class DiffusionDPOTrainer(MaskTokenMixin, LladaHubMixin, DPOTrainer):
     def _reference_elbo(self, batch: AnswerBatch, noise, model: torch.nn.Module | None = None) -> torch.Tensor:
         """ELBO estimates `[R]` under the reference: `ref_model`, or the PEFT model with its adapter disabled (or its
         frozen "ref" adapter), as in TRL."""
-        model = model or self.ref_model or self.model
-        adapter = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            adapter,
+            reference_adapter(self),
             self.accelerator.autocast(),
         ):
-            return elbo_estimates(model, batch, noise, self.mask_token_id)
+            return elbo_estimates(model or self.ref_model or self.model, batch, noise, self.mask_token_id)
 
     def compute_ref_log_probs(self, model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference ELBOs of the chosen and rejected answers of one collated batch, on fresh noise (used by
@@ -355,8 +348,14 @@ class DiffusionDPOTrainer(MaskTokenMixin, LladaHubMixin, DPOTrainer):
 
     # ---- Loss ----
 
-    def _compute_loss(self, model, inputs: dict[str, torch.Tensor], return_outputs: bool):
-        """The preference loss on ELBO estimates.
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """The preference loss on ELBO estimates (the mean over the batch's pairs: `num_items_in_batch` is not used).
 
         1. Right-align the pairs (chosen rows, then rejected) and draw n = `n_time * n_mask` masks per answer.
         2. Policy ELBOs from one forward pass of the 2 B n masked rows (with gradients).

@@ -2,8 +2,8 @@
 
 The estimator is the one of `llada_hf.evaluation.log_likelihood` (docs/LLADA.md section 4): a row masks l of the L
 answer tokens, a uniformly random subset of that size, and scores (L / l) x the summed cross-entropy at the masked
-positions; minus the mean over rows estimates log p(answer | prompt). Its pieces are reused from the evaluation
-(`random_masks_with_counts`, `masked_row_losses`). What differs, for training:
+positions; minus the mean over rows estimates log p(answer | prompt). The pieces both estimators use live in
+`llada_hf.elbo` (`random_masks_with_counts`, `masked_row_losses`). What differs, for training:
 
 - the budget is n = `n_time` x `n_mask` rows per answer: `n_time` mask counts ("timesteps" l/L), each with `n_mask`
   masks. One mask per timestep (`n_mask=1`) is VRPO's optimal allocation;
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..evaluation.likelihood import masked_row_losses, official_mask_counts, random_masks_with_counts
+from ..elbo import masked_row_losses, official_mask_counts, random_masks_with_counts
 
 
 @dataclass

@@ -42,17 +42,23 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
 
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
 from ..generation_llada import DiffusionGenerationConfig
 from ..streaming_llada import end_token_ids
-from ..tokenization import set_mask_token
-from .common import MaskTokenMixin, as_config, check_number
+from .common import (
+    adopt_mask_token,
+    as_config,
+    check_number,
+    checked_model_and_processor,
+    reference_adapter,
+    restore_masked_diffusion_models,
+    tokenizer_of,
+)
 from .config import bf16_supported
-from .fused_head import remove_fused_lm_head
 from .hub import LladaHubMixin
-from .sft import check_masked_diffusion_model
 
 
 # Where the defaults come from: d1's training config (dllm-reasoning/d1, diffu-grpo/slurm_scripts/train.yaml).
@@ -262,17 +268,7 @@ def _iteration_seed(row_seed: int, iteration: int) -> int:
     return int(np.random.SeedSequence([row_seed, iteration]).generate_state(1)[0])
 
 
-@dataclass
-class _Scoring:
-    """What `_get_per_token_logps_and_entropies` scores: rows (by seed) at these iterations; `stacked` keeps an
-    iteration axis ([B, mu, C], at rollout time) instead of returning the single iteration's [B, C]."""
-
-    row_seeds: torch.Tensor
-    iterations: list[int]
-    stacked: bool
-
-
-class DiffusionGRPOTrainer(MaskTokenMixin, LladaHubMixin, GRPOTrainer):
+class DiffusionGRPOTrainer(LladaHubMixin, GRPOTrainer):
     """diffu-GRPO (d1) for masked diffusion language models (LLaDA), the TRL way.
 
     Takes the arguments of [`trl.GRPOTrainer`] (a model instance or id, reward functions, [`DiffusionGRPOConfig`], a
@@ -297,7 +293,7 @@ class DiffusionGRPOTrainer(MaskTokenMixin, LladaHubMixin, GRPOTrainer):
         ...     reward_funcs=four,
         ...     args=DiffusionGRPOConfig(output_dir="/tmp/llada-grpo", max_steps=2, per_device_train_batch_size=2,
         ...                              num_generations=2, num_iterations=2, max_completion_length=4,
-        ...                              diffusion_steps=4, block_length=4, bf16=False, report_to="none"),
+        ...                              diffusion_steps=4, block_length=4, beta=0.0, bf16=False, report_to="none"),
         ...     train_dataset=Dataset.from_dict({"prompt": ["2+2=", "2+2="]}),
         ...     processing_class=tokenizer,
         ... )
@@ -324,15 +320,13 @@ class DiffusionGRPOTrainer(MaskTokenMixin, LladaHubMixin, GRPOTrainer):
         peft_config: Any = None,
     ):
         args = as_config(args, model, DiffusionGRPOConfig, "DiffusionGRPO")
-        hub_kwargs = {
-            "revision": (args.model_init_kwargs or {}).get("revision"),
-            "trust_remote_code": args.trust_remote_code,
-        }
-        model_config = AutoConfig.from_pretrained(model, **hub_kwargs) if isinstance(model, str) else model.config
-        check_masked_diffusion_model(model, model_config, "DiffusionGRPOTrainer", "trl.GRPOTrainer")
+        model_config, processing_class = checked_model_and_processor(
+            model, args, processing_class, "DiffusionGRPOTrainer", "trl.GRPOTrainer"
+        )
         check_reference_source(model, args, peft_config)
+        tokenizer = tokenizer_of(processing_class)
+        self.mask_token_id = adopt_mask_token(model_config, tokenizer)
         reward_funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        self._scoring: _Scoring | None = None
         self._rollouts = 0
 
         super().__init__(
@@ -349,15 +343,10 @@ class DiffusionGRPOTrainer(MaskTokenMixin, LladaHubMixin, GRPOTrainer):
             peft_config=peft_config,
         )
         # TRL's shifted fused head has no meaning for a masked diffusion model: our forward is used again
-        remove_fused_lm_head(self.accelerator.unwrap_model(self.model))
-        if self.ref_model is not None:
-            remove_fused_lm_head(self.accelerator.unwrap_model(self.ref_model))
-        set_mask_token(self._tokenizer, self.mask_token_id)
+        restore_masked_diffusion_models(self, self.mask_token_id)
         self.generation_config = self._diffusion_generation_config()
         # A completion also ends at an end-of-turn token (chat models)
-        self.eos_token_ids = sorted(
-            set(self.eos_token_ids) | set(end_token_ids(self._tokenizer, self.generation_config))
-        )
+        self.eos_token_ids = sorted(set(self.eos_token_ids) | set(end_token_ids(tokenizer, self.generation_config)))
 
     def _diffusion_generation_config(self) -> DiffusionGenerationConfig:
         """TRL's rollout settings (`self.generation_kwargs`: answer length, sampling, token ids, `generation_kwargs`)
@@ -374,19 +363,28 @@ class DiffusionGRPOTrainer(MaskTokenMixin, LladaHubMixin, GRPOTrainer):
             }
         )
 
-    # ---- Rollouts: which masks score them ----
+    # ---- Rollouts: the old and reference log-probabilities of every iteration ----
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """TRL's rollout (diffusion `generate`, rewards, advantages), with the old and reference log-probabilities
-        estimated for every iteration at once ([B, mu, C]) and each row's mask seed kept with it (`mask_seeds`)."""
-        mode = "train" if self.model.training else "eval"
-        row_seeds = self._draw_row_seeds(len(inputs))
-        iterations = list(range(self.num_iterations)) if mode == "train" else [0]
-        self._scoring = _Scoring(row_seeds, iterations, stacked=True)
-        try:
-            output = super()._generate_and_score_completions(inputs)
-        finally:
-            self._scoring = None
+        estimated for every iteration ([B, mu, C], `_per_iteration_logps`) and each row's mask seed (`mask_seeds`).
+
+        TRL's rollout scores the old and reference policies once, on the unmasked prompts; d1 needs one estimate per
+        iteration, on that iteration's masked prompts, so TRL's values are replaced (where TRL computed them: the
+        old policy's only when updates run off-policy, the reference's only with `beta > 0`). The price is TRL's
+        two passes, a small part of a rollout's `diffusion_steps` denoising passes.
+        """
+        output = super()._generate_and_score_completions(inputs)
+        row_seeds = self._draw_row_seeds(len(output["prompt_ids"]))
+        iterations = list(range(self.num_iterations)) if self.model.training else [0]
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if output.get("old_per_token_logps") is not None:
+                output["old_per_token_logps"] = self._per_iteration_logps(self.model, output, row_seeds, iterations)
+            if output.get("ref_per_token_logps") is not None:
+                with reference_adapter(self):
+                    output["ref_per_token_logps"] = self._per_iteration_logps(
+                        self.ref_model or self.model, output, row_seeds, iterations
+                    )
         output["mask_seeds"] = row_seeds.to(self.accelerator.device)
         return output
 
@@ -396,26 +394,55 @@ class DiffusionGRPOTrainer(MaskTokenMixin, LladaHubMixin, GRPOTrainer):
         keys = [self.args.seed, self.accelerator.process_index, self._rollouts]
         return torch.from_numpy(np.random.SeedSequence(keys).generate_state(rows, dtype=np.uint32).astype(np.int64))
 
+    def _per_iteration_logps(
+        self, model, rollout: dict[str, torch.Tensor], row_seeds: torch.Tensor, iterations: list[int]
+    ) -> torch.Tensor:
+        """The one-step estimate of a rollout's completions under `model` for each of `iterations`, each on that
+        iteration's masked prompts: `[B, len(iterations), C]`."""
+        completion_ids = rollout["completion_ids"]
+        attention_mask = torch.cat([rollout["prompt_mask"], rollout["completion_mask"]], dim=1)
+        # chunks of a device batch, as TRL's rollout scores them
+        training = self.model.training
+        batch_size = self.args.per_device_train_batch_size if training else self.args.per_device_eval_batch_size
+        logps = [
+            self._get_per_token_logps_and_entropies(
+                model,
+                torch.cat([self._masked_prompt_ids(rollout, row_seeds, iteration), completion_ids], dim=1),
+                attention_mask,
+                completion_ids.shape[1],
+                batch_size=batch_size,
+            )[0]
+            for iteration in iterations
+        ]
+        return torch.stack(logps, dim=1)
+
+    def _masked_prompt_ids(
+        self, batch: dict[str, torch.Tensor], row_seeds: torch.Tensor, iteration: int
+    ) -> torch.Tensor:
+        """The batch's prompts as the one-step estimate sees them in `iteration`: each real token replaced by the mask
+        token with probability `p_mask_prompt` (the rows' seeds and the iteration decide which,
+        `one_step_prompt_masks`), so the old, reference and current policies see the same masked prompts."""
+        masked = one_step_prompt_masks(row_seeds.cpu(), iteration, batch["prompt_mask"], self.args.p_mask_prompt)
+        return batch["prompt_ids"].masked_fill(masked, self.mask_token_id)
+
+    # ---- Loss ----
+
     def _current_iteration(self) -> int:
         """Which of the `num_iterations` updates on the buffered rollouts this step is (TRL's `_prepare_inputs`
-        regenerates every `steps_per_generation * num_iterations` steps)."""
+        regenerates every `steps_per_generation * num_iterations` steps, counted by its `_step`)."""
         if not self.model.training:
             return 0
         return (self._step % (self.args.steps_per_generation * self.num_iterations)) // self.args.steps_per_generation
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
-        """TRL's GRPO loss for this iteration: its slice of the old and reference log-probabilities, and the current
-        policy scored on the same masked prompts."""
+        """TRL's GRPO loss for this iteration: the current policy scored on the iteration's masked prompts (passed
+        to TRL as the batch's `prompt_ids`), against the old and reference log-probabilities of the same iteration."""
         iteration = self._current_iteration()
-        inputs = dict(inputs)
+        inputs = {**inputs, "prompt_ids": self._masked_prompt_ids(inputs, inputs["mask_seeds"], iteration)}
         for key in ("old_per_token_logps", "ref_per_token_logps"):
             if inputs.get(key) is not None:
                 inputs[key] = inputs[key][:, iteration]
-        self._scoring = _Scoring(inputs["mask_seeds"].cpu(), [iteration], stacked=False)
-        try:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        finally:
-            self._scoring = None
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     # ---- The one-step log-probability estimate (d1) ----
 
@@ -432,56 +459,43 @@ class DiffusionGRPOTrainer(MaskTokenMixin, LladaHubMixin, GRPOTrainer):
     ) -> tuple[torch.Tensor, torch.Tensor | None, None]:
         """d1's one-step estimate of log pi(o_k | q') for every completion token, in place of TRL's next-token one.
 
-        1. For each iteration being scored, mask the real prompt tokens with probability `p_mask_prompt` (the rows'
-           seeds and the iteration decide which, `one_step_prompt_masks`).
-        2. Follow the prompt with `max_completion_length` mask tokens, all attended (the answer as `generate` sees
+        `input_ids` is the prompt q' as the estimate sees it, then the completion (its last `logits_to_keep`
+        columns): the callers mask the prompt (`compute_loss` and `_per_iteration_logps`, with one iteration's
+        masks; TRL's own rollout scoring, which is replaced, passes it unmasked).
+
+        1. Follow the prompt with `max_completion_length` mask tokens, all attended (the answer as `generate` sees
            it at its first step), whatever the completion's length.
-        3. One forward pass per chunk of `batch_size` rows; log-softmax at the completion positions, read at the
+        2. One forward pass per chunk of `batch_size` rows; log-softmax at the completion positions, read at the
            completion's tokens (and the entropy of that distribution when asked).
 
-        Returns `[B, C]` log-probabilities (`[B, mu, C]` at rollout time, one slice per iteration), the entropies
-        (same shape) or `None`, and no auxiliary loss (LLaDA is not a mixture of experts).
+        Returns `[B, C]` log-probabilities, the entropies (same shape) or `None`, and no auxiliary loss (LLaDA is
+        not a mixture of experts).
         """
-        if self._scoring is None:
-            raise RuntimeError("The one-step estimate needs the rows' mask seeds; it runs inside a rollout or a loss.")
         if multimodal_inputs := {key: value for key, value in multimodal.items() if value is not None}:
             raise ValueError(f"DiffusionGRPOTrainer trains text models; got {sorted(multimodal_inputs)}.")
         prompt_width = input_ids.shape[1] - logits_to_keep
         prompt_ids, prompt_mask = input_ids[:, :prompt_width], attention_mask[:, :prompt_width]
         completion_ids = input_ids[:, prompt_width:]  # [B, C]
-        batch_size = batch_size or len(input_ids)
-        logps, entropies = [], []
-        for iteration in self._scoring.iterations:
-            # 1. masked prompt
-            masked_prompt = one_step_prompt_masks(
-                self._scoring.row_seeds, iteration, prompt_mask, self.args.p_mask_prompt
-            )
-            noisy_prompt = prompt_ids.masked_fill(masked_prompt, self.mask_token_id)
-            # 2.-3. fully masked answer, one pass per chunk
-            chunks = [
-                self._one_step_logps(
-                    model, noisy_prompt[rows], prompt_mask[rows], completion_ids[rows], compute_entropy
-                )
-                for rows in torch.arange(len(input_ids)).split(batch_size)
-            ]
-            logps.append(torch.cat([chunk[0] for chunk in chunks]))
-            entropies.append(torch.cat([chunk[1] for chunk in chunks]) if compute_entropy else None)
-        if self._scoring.stacked:
-            return torch.stack(logps, dim=1), torch.stack(entropies, dim=1) if compute_entropy else None, None
-        return logps[0], entropies[0], None
+        chunks = [
+            self._one_step_logps(model, prompt_ids[rows], prompt_mask[rows], completion_ids[rows], compute_entropy)
+            for rows in torch.arange(len(input_ids)).split(batch_size or len(input_ids))
+        ]
+        logps = torch.cat([chunk[0] for chunk in chunks])
+        entropies = torch.cat([chunk[1] for chunk in chunks]) if compute_entropy else None
+        return logps, entropies, None
 
     def _one_step_logps(
         self,
         model,
-        noisy_prompt: torch.Tensor,
+        prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
         completion_ids: torch.Tensor,
         compute_entropy: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        rows, prompt_width = noisy_prompt.shape
+        rows, prompt_width = prompt_ids.shape
         answer_width = self.args.max_completion_length
-        masks = noisy_prompt.new_full((rows, answer_width), self.mask_token_id)
-        input_ids = torch.cat([noisy_prompt, masks], dim=1)  # [b, P + max_completion_length]
+        masks = prompt_ids.new_full((rows, answer_width), self.mask_token_id)
+        input_ids = torch.cat([prompt_ids, masks], dim=1)  # [b, P + max_completion_length]
         attention_mask = torch.cat([prompt_mask, torch.ones_like(masks)], dim=1)
         kept = torch.arange(prompt_width, prompt_width + completion_ids.shape[1], device=input_ids.device)
         with self.accelerator.autocast():

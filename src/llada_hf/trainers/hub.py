@@ -3,6 +3,8 @@
 import os
 import re
 
+from .common import tokenizer_of
+
 
 LOCAL_OWNER = "your-name"  # the card's repo id when the run is not pushed (its snippet names a repo)
 
@@ -39,7 +41,7 @@ class LladaHubMixin:
                 self.args.output_dir,
                 self.model,
                 repo_id=repo_id,
-                tokenizer=self._tokenizer,
+                tokenizer=tokenizer_of(self.processing_class),
                 trainer=self,
                 datasets=dataset_name,
                 tags=tags,

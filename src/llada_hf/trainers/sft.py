@@ -26,27 +26,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names, is_conversational_from_value, maybe_convert_to_chatml
-from trl.trainer.utils import get_config_model_id
 
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-    PreTrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    ProcessorMixin,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback, TrainingArguments
 
-from ..tokenization import set_mask_token
 from .collator import DataCollatorForMaskedDiffusion
+from .common import (
+    adopt_mask_token,
+    as_config,
+    checked_model_and_processor,
+    restore_masked_diffusion_models,
+    tokenizer_of,
+)
 from .config import DiffusionSFTConfig, refuse_sequence_sharding
-from .fused_head import fused_lm_head, remove_fused_lm_head
+from .fused_head import fused_lm_head
 from .hub import LladaHubMixin
 from .objective import mask_answer_tokens, masked_diffusion_loss, masking_probability, random_length, sample_times
 from .stages import apply_stage, is_vision_language_model, split_vision_tower_groups, vision_tower_learning_rate
@@ -58,9 +53,6 @@ from .vision import (
     repeat_image_inputs,
 )
 
-
-# Model types trained by this trainer when the model is given as an id or path (checked on its config).
-MASKED_DIFFUSION_MODEL_TYPES = ("llada", "llada_v")
 
 # Keys mixed into the noise seeds, so that training and evaluation never share a random stream.
 _TRAIN_SEED_KEY, _EVAL_SEED_KEY = 0, 1
@@ -129,56 +121,6 @@ def check_dataset_format(dataset: Dataset | IterableDataset, text_field: str, na
         f"'messages' (conversations), 'prompt' + 'completion', '{text_field}' (plain text, pretraining; the name is "
         "set by `dataset_text_field`) or pre-tokenized 'input_ids'. Rename the columns or pass a `formatting_func`."
     )
-
-
-def check_masked_diffusion_model(
-    model: "str | PreTrainedModel", config: PreTrainedConfig, trainer: str = "DiffusionSFTTrainer",
-    causal_trainer: str = "trl.SFTTrainer",
-) -> None:
-    """Raise a `TypeError` unless `model` is a masked diffusion model (LLaDA); the message names `trainer` and the
-    TRL trainer to use for an autoregressive model (`causal_trainer`).
-
-    An instance must have the diffusion `generate` (a `DiffusionGenerationMixin` in its class hierarchy; matched by
-    name so that a model loaded with `trust_remote_code` from a copy of our bundle counts). An id or path is judged
-    by its config's `model_type`.
-    """
-    if isinstance(model, str):
-        if config.model_type in MASKED_DIFFUSION_MODEL_TYPES:
-            return
-        found = f"'{model}' is a {config.model_type!r} checkpoint"
-    else:
-        base = model.get_base_model() if is_peft_model(model) else model
-        if any(cls.__name__ == "DiffusionGenerationMixin" for cls in type(base).__mro__):
-            return
-        found = f"got {type(base).__name__}"
-    raise TypeError(
-        f"{trainer} trains masked diffusion language models (LLaDA, e.g. `LladaForMaskedDiffusion`); "
-        f"{found}. For an autoregressive model use `{causal_trainer}`."
-    )
-
-
-def resolve_mask_token_id(config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase) -> int:
-    """The mask token id: the model config's `mask_token_id`, else the tokenizer's mask token (they must agree)."""
-    from_config, from_tokenizer = getattr(config, "mask_token_id", None), tokenizer.mask_token_id
-    if from_config is None and from_tokenizer is None:
-        raise ValueError(
-            "No mask token: the model config has no `mask_token_id` and the tokenizer has no mask token. Set "
-            "`model.config.mask_token_id`, or add one to the tokenizer (`tokenizer.add_special_tokens("
-            "{'mask_token': '<|mdm_mask|>'})`, resizing the embeddings if the token is new)."
-        )
-    if from_config is not None and from_tokenizer is not None and from_config != from_tokenizer:
-        raise ValueError(
-            f"The model config's `mask_token_id` ({from_config}) differs from the tokenizer's mask token id "
-            f"({from_tokenizer}); they must name the same token."
-        )
-    mask_token_id = from_tokenizer if from_config is None else from_config
-    vocab_size = config.get_text_config().vocab_size
-    if not 0 <= mask_token_id < vocab_size:
-        raise ValueError(
-            f"The mask token id {mask_token_id} lies outside the model's vocabulary [0, {vocab_size}); check that "
-            "the config's `mask_token_id` and the tokenizer belong to this model."
-        )
-    return mask_token_id
 
 
 def check_eos_token(tokenizer: PreTrainedTokenizerBase, eos_token: str | None) -> None:
@@ -259,7 +201,7 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
         peft_config: Any = None,
         formatting_func: Callable[[dict], str] | None = None,
     ):
-        args = self._diffusion_args(args, model)
+        args = as_config(args, model, DiffusionSFTConfig, "DiffusionSFT")
 
         # Everything is checked before `SFTTrainer.__init__`, which prepares the data and creates `output_dir`.
         # Conversations are split first: TRL decides from the first raw example whether the prompt is excluded.
@@ -275,20 +217,14 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
                 if data is not None:
                     check_dataset_format(data, args.dataset_text_field, name)
 
-        # A model id is judged by its config, read without loading the weights (TRL loads them later)
-        revision = (args.model_init_kwargs or {}).get("revision")
-        hub_kwargs = {"revision": revision, "trust_remote_code": args.trust_remote_code}
-        model_config = AutoConfig.from_pretrained(model, **hub_kwargs) if isinstance(model, str) else model.config
-        check_masked_diffusion_model(model, model_config)
-        if processing_class is None:  # as TRL would load it, but needed now for the mask token
-            model_id = model if isinstance(model, str) else get_config_model_id(model_config)
-            processing_class = AutoProcessor.from_pretrained(model_id, **hub_kwargs)
+        model_config, processing_class = checked_model_and_processor(
+            model, args, processing_class, "DiffusionSFTTrainer", "trl.SFTTrainer"
+        )
         vision_dataset = train_dataset is not None and is_vision_example(next(iter(train_dataset)))
         check_vision_training(model_config, processing_class, vision_dataset, args.stage)
-        tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
-        self.mask_token_id = resolve_mask_token_id(model_config, tokenizer)
+        tokenizer = tokenizer_of(processing_class)
+        self.mask_token_id = adopt_mask_token(model_config, tokenizer)
         check_eos_token(tokenizer, args.eos_token)
-        set_mask_token(tokenizer, self.mask_token_id)  # saved with the model, so tools reading it find the mask
 
         super().__init__(
             model=model,
@@ -305,12 +241,10 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
             formatting_func=formatting_func,
         )
         # TRL's fused head stays on the model for good; here it is on only inside `compute_loss` (`fused_lm_head`)
-        remove_fused_lm_head(self.accelerator.unwrap_model(self.model))
+        restore_masked_diffusion_models(self, self.mask_token_id)
         # An accelerate config file can enable context / sequence parallelism without `args` knowing
         refuse_sequence_sharding(getattr(self.accelerator, "parallelism_config", None))
-        # A mask id taken from the tokenizer is written to the config, where `generate` reads it
-        self.model.config.get_text_config().mask_token_id = self.mask_token_id
-        if data_collator is None and self._is_vision_dataset:  # images: loaded and processed batch by batch
+        if data_collator is None and vision_dataset:  # images: loaded and processed batch by batch
             self.data_collator = DataCollatorForVisionMaskedDiffusion(
                 processing_class,
                 pad_answers_with_eos=args.pad_answers_with_eos,
@@ -320,26 +254,13 @@ class DiffusionSFTTrainer(LladaHubMixin, SFTTrainer):
             )
         elif data_collator is None:  # built after TRL settled the pad and EOS tokens (`args.eos_token`)
             self.data_collator = DataCollatorForMaskedDiffusion(
-                pad_token_id=self._tokenizer.pad_token_id,
-                eos_token_id=self._tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
                 pad_answers_with_eos=args.pad_answers_with_eos,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
         self._noise_generator = torch.Generator(device=self.accelerator.device)
         self._apply_vision_settings(peft_config)
-
-    @staticmethod
-    def _diffusion_args(args: TrainingArguments | None, model: "str | PreTrainedModel") -> DiffusionSFTConfig:
-        """`args` as a `DiffusionSFTConfig` (TRL's own conversion of plain `TrainingArguments`/`SFTConfig`)."""
-        if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            return DiffusionSFTConfig(f"{model_name.split('/')[-1] or 'model'}-DiffusionSFT")
-        if isinstance(args, DiffusionSFTConfig):
-            return args
-        dict_args = args.to_dict()
-        # `to_dict` hides the value of every field named "*_token" (`hub_token`, and `eos_token` of an SFTConfig)
-        dict_args.update({key: getattr(args, key) for key in dict_args if key.endswith("_token")})
-        return DiffusionSFTConfig(**dict_args)
 
     def _apply_vision_settings(self, peft_config: Any) -> None:
         """LLaDA-V: the stage's trainable modules (unless PEFT chose them), and a frozen tower's lower precision."""
