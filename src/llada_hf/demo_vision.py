@@ -25,18 +25,18 @@ Why global properties: with several small shapes per picture, models this size (
 of a lone shape but never which shape sat in which column (one patch), even with 10 epochs; "what shape is it ?"
 about one big shape also stayed at chance (measured), so it is off by default (`shape_questions`).
 
-Why a noise floor (issue 24): with LLaDA's masking (p = (1 - ε) t + ε, t uniform, ε = 1e-3, loss weight 1 / p) the
-diffusion model learnt the one-word answers on one seed of four: on the others it named one of the picture's two
-colours by a fixed preference, the same for "what colour is the shape ?" and "... the background ?" (it never learnt
-which is which), near the no-picture baseline, while LLaVA learnt them on all four. A one-word answer is two tokens
-(the word, the end of turn): its word is scored only in rows where it is masked, with weights up to 1 / ε. Not the
-cause, measured on one to three seeds each: the 12-mask canvas (the answer is cut at the end of turn: the same word on
-2, 3 or 12 masks), EOS padding, a wider or deeper model, the rotary base, the tower's learning rate, lower learning
-rates, batch 8, four noise samples per answer, ε = 0.1. What did it: stage 2, whose answers are all one word, masks the
-whole answer (ε = 0.999: the fully masked canvas that decoding starts from) and runs 12 epochs instead of 8 (both
-models); stage 3, whose chains need the partly masked states, keeps half (ε = 0.5: p in [0.5, 1]; at ε = 0.999 the
-chains fell apart, at 1e-3 the replayed questions lost ground). Stage 1 keeps LLaDA's 1e-3. benchmarks/RESULTS.md, "The
-vision demo with margin (issue 24)", has the runs.
+Why a noise floor (issue 24): with LLaDA's masking (p = (1 - ε) t + ε, t uniform, ε = 1e-3, loss weight 1 / p)
+and EOS-padded answers, LLaDA-V learnt the one-word answers on one seed of four (stage 2: 88, 41, 49, 51 % on seeds
+0-3, LLaVA 83-100): on the others it named one of the picture's two colours by a fixed preference, the same for "what
+colour is the shape ?" and "... the background ?". A one-word answer is two tokens (the word, the end of turn), and
+its word is trained only in the rows where it happens to be masked. Answers without EOS padding helped (62-79) but not
+enough, and nothing else tried on one to three seeds each did better (a wider or deeper model, the rotary base, the
+tower's learning rate, lower learning rates, batch 8, four noise samples per answer, ε = 0.1 or 0.5; each 37-73 on
+seeds 0, 1 or 3). What did it: stage 2, whose answers are all one word, masks the whole answer (ε = 0.999: the fully
+masked canvas that decoding starts from, every row a lesson for the word) and runs 12 epochs instead of 8 (both
+models); stage 3, whose chains need partly masked states too, keeps p in [0.5, 1] (ε = 0.5: at 0.999 the chains fell
+apart, at 1e-3 the replayed questions lost ground). Stage 1 keeps LLaDA's 1e-3. benchmarks/RESULTS.md, "The vision
+demo with margin (issue 24)", has every run.
 
 Run it with `llada-hf demo --vision` (`--quick` for a < 1 minute smoke run).
 """
