@@ -73,12 +73,13 @@ def test_every_word_is_one_token():  # short answers: "answer green" is two toke
 
 
 def test_diffusion_canvases_are_the_trained_answer_lengths():
-    """LLaDA-V is asked on exactly the answer shape it was trained on (issue 24): the caption and the newline and EOS
-    of the plain template, the word and the end of turn, the 10-word chain and the end of turn."""
+    """LLaDA-V is asked on exactly the answer shape it was trained on (issue 24): the caption and the newline of the
+    plain template (no EOS, as the official `llada_plain`), the word and the end of turn, the 10-word chain and the
+    end of turn."""
     data = make_data(dataclasses.replace(QUICK_VISION, train_scenes=60), seed=2)
     tokenizer = build_tokenizer()
     _, processor, _, _ = build_models(QUICK_VISION, tokenizer, seed=0)
-    assert answer_canvases(data, processor) == {"caption": 6, "question": 2, "reasoning": 11}
+    assert answer_canvases(data, processor) == {"caption": 5, "question": 2, "reasoning": 11}
 
 
 def test_one_word_answers_are_trained_fully_masked_and_chains_half(tmp_path, monkeypatch):
@@ -110,7 +111,7 @@ def test_quick_vision_demo_runs_end_to_end(tmp_path, capsys):
     assert printed.count("after stage") == 3 and "majority answer" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["settings"]["train_scenes"] == QUICK_VISION.train_scenes
-    assert results["canvases"] == {"caption": 6, "question": 2, "reasoning": 11}
+    assert results["canvases"] == {"caption": 5, "question": 2, "reasoning": 11}
     assert [row["stage"].split()[1] for row in results["table"]] == [f"({stage})" for stage in STAGES]
     assert all(0 <= value <= 100 for row in results["table"] for key, value in row.items() if key != "stage")
     assert all(0 <= results["majority"][key] <= 100 for key in ("caption", "question", "reasoning"))

@@ -25,9 +25,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 import llada_hf  # noqa: F401  (registers the Auto classes)
-from llada_hf.configuration_llada_v import OFFICIAL_GRID, LladaVConfig, num_image_tokens, unpad_bounds
+from llada_hf.configuration_llada_v import OFFICIAL_GRID, LladaVConfig
+from llada_hf.geometry_llada_v import ImageGeometry, unpad_bounds
 from llada_hf.modeling_llada import BUNDLE_FILES, VISION_BUNDLE_FILES
 from llada_hf.modeling_llada_v import LladaVForConditionalGeneration
+from llada_hf.processing_llada_v import LladaVProcessor
 
 
 pytestmark = pytest.mark.numerics  # rerun under other CPU kernels by the test command (pyproject.toml)
@@ -266,6 +268,37 @@ def test_merged_embeddings_and_logits_match_the_official_forward(official, proce
     assert_close_across_kernels(logits[0], ref_logits, terms)
 
 
+@pytest.mark.parametrize("sizes", [[(80, 30)], [(60, 45), (20, 70)]])
+def test_square_packing_matches_the_official_stage_1_forward(official, processor, sizes):
+    """Official stage 1 keeps the training script's `image_aspect_ratio = "square"` and `mm_patch_merge_type =
+    "flat"`: an image resized to one crop by the SigLIP processor (bicubic, as the anyres base crop), or, among
+    several of a prompt, padded to a square first (the training code's "pad" for those); each crop's features
+    flattened without `image_newline`."""
+    _, _, state, model = official
+    square = LladaVProcessor(processor.image_processor, processor.tokenizer, num_image_tokens=4,
+                             vision_aspect_ratio="square")
+    images = [_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    text = " and ".join(["<image>"] * len(images)) + " a picture of a cat\n"
+    inputs = square(images=[images], text=[text], return_tensors="pt", add_special_tokens=False)
+    crops = [ref.anyres_crops(images[0], official_pinpoints_wh(), CROP)[:1]] if len(images) == 1 else [
+        ref.padded_square_crop(image, CROP) for image in images
+    ]
+    assert inputs["pixel_values"].shape[1] == 1
+    for pixels, expected in zip(inputs["pixel_values"], crops):
+        assert (pixels - expected).abs().max() <= 1e-6
+    assert int((inputs["input_ids"] == IMAGE_ID).sum()) == 4 * len(images)
+    with torch.no_grad():
+        embeds = model.model.embed_multimodal(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
+                                              inputs["batch_num_images"], vision_aspect_ratio="square")
+        logits = model(**inputs, vision_aspect_ratio="square").logits
+    features = [ref.project(state, ref.tower_features(state, TOWER_CONFIG, crop))[0] for crop in crops]
+    ref_embeds = ref.merged_embeddings(state, _official_ids(inputs["input_ids"][0]), features)
+    ref_logits = ref.lm_logits(state, official_config(), ref_embeds[None])[0]
+    terms = _terms(model, embeds.shape[1])
+    assert_close_across_kernels(embeds[0], ref_embeds, terms)
+    assert_close_across_kernels(logits[0], ref_logits, terms)
+
+
 def test_a_batch_of_prompts_with_images_of_different_sizes_matches_each_row(official, processor):
     _, _, state, model = official
     images = [_image(84, 50, seed=1), _image(20, 16, seed=2)]
@@ -302,4 +335,4 @@ def test_unpadding_truncates_as_the_official_code():
     assert unpad_bounds((47, 94), (4, 6)) == (1, 3, 0, 6)
     assert unpad_image(torch.zeros(1, 4, 6), (47, 94)).shape[1] == 4  # the transformers behaviour we do not use
     pinpoints = [[h, w] for w, h in official_pinpoints_wh()]
-    assert num_image_tokens((47, 94), pinpoints, CROP, 2, "anyres_max_4", anyres=True) == 4 + 2 * (6 + 1)
+    assert ImageGeometry(CROP, 2, pinpoints, "anyres_max_4").num_tokens((47, 94), "grid") == 4 + 2 * (6 + 1)

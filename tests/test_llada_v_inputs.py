@@ -125,3 +125,28 @@ def test_a_flat_image_list_is_grouped_by_the_prompts_placeholders():
     assert torch.equal(flat["pixel_values"], nested["pixel_values"])
     with pytest.raises(ValueError, match=r"number of images \(3\) differs from the `<image>` placeholders"):
         processor(images=[a, b, a], text=[text], return_tensors="pt")
+
+
+def test_an_unknown_image_packing_is_refused_by_name(processor, model):
+    from llada_hf import LladaVConfig, LladaVProcessor
+
+    with pytest.raises(ValueError, match="vision_aspect_ratio"):
+        LladaVProcessor(processor.image_processor, processor.tokenizer, num_image_tokens=4, vision_aspect_ratio="pad")
+    with pytest.raises(ValueError, match="vision_aspect_ratio"):
+        LladaVConfig(vision_aspect_ratio="pad")
+    inputs = _ask(processor, [_noise(30, 20)])
+    with pytest.raises(ValueError, match="vision_aspect_ratio"):
+        model(**inputs, vision_aspect_ratio="pad")
+    with pytest.raises(ValueError, match="image placeholders"):  # packed as the processor did not: named, not silent
+        model(**inputs, vision_aspect_ratio="square")
+
+
+def test_llada_v_is_not_taken_for_the_text_model(model):
+    """LLaDA-V holds its language model (composition) rather than being one: text-only tools refuse it by name."""
+    from llada_hf import LladaForMaskedDiffusion
+    from llada_hf.export.common import check_exportable
+    from llada_hf.modeling_llada import LladaModel
+
+    assert not isinstance(model, LladaForMaskedDiffusion) and isinstance(model.model.language_model, LladaModel)
+    with pytest.raises(TypeError, match="LLaDA-V"):
+        check_exportable(model)

@@ -143,15 +143,47 @@ def test_collator_masks_only_answer_tokens_and_pads_answers_with_eos(processor):
     assert ids[short, -1] == EOS_ID and labels[short, -1] == EOS_ID
 
 
-def test_plain_template_is_the_image_then_the_caption(processor):
+def test_plain_template_is_the_image_then_the_caption_and_a_newline_without_eos(processor):
+    """Official `preprocess_plain`: `<image>` + caption + "\n", no EOS appended; EOS only pads the shorter rows, as
+    the official collator pads the labels with the pad (= EOS) token."""
     collator = DataCollatorForVisionMaskedDiffusion(processor, prompt_template="plain")
     batch = collator([{"image": square("red"), "prompt": "<image>\nDescribe the picture.",
-                       "completion": " a red square"}])
-    ids, labels = batch["input_ids"][0], batch["labels"][0]
-    prompt = labels == -100
-    assert (ids[prompt] == IMAGE_ID).all()  # no system prompt, no user text: only the image
-    answer = processor.tokenizer.decode(ids[~prompt])
-    assert answer == " a red square\n" + processor.tokenizer.eos_token
+                       "completion": " a red square and more"},
+                      {"image": square("blue"), "prompt": "<image>", "completion": " a blue square"}])
+    tokenizer = processor.tokenizer
+    for row, caption in enumerate([" a red square and more\n", " a blue square\n"]):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        prompt = labels == -100
+        assert (ids[prompt] == IMAGE_ID).all()  # no system prompt, no user text: only the image
+        answer = ids[~prompt]
+        caption_ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+        assert answer[: len(caption_ids)].tolist() == caption_ids
+        assert (answer[len(caption_ids):] == EOS_ID).all()  # padding only
+    longest = batch["labels"][0][batch["labels"][0] != -100]
+    assert EOS_ID not in longest.tolist()  # the longest caption has no EOS at all
+
+
+def test_plain_template_packs_each_image_as_one_squashed_crop(processor):
+    """Official stage 1 sets no `image_aspect_ratio` / `mm_patch_merge_type`: the training script's defaults
+    ("square", "flat") squash each image to one crop whose features follow without grid or `image_newline`."""
+    wide = square("green", 3 * CROP, CROP)  # anyres: a 1 x 3 grid
+    plain = DataCollatorForVisionMaskedDiffusion(processor, prompt_template="plain")
+    batch = plain([{"image": wide, "prompt": "<image>", "completion": " a green square"}])
+    assert batch["vision_aspect_ratio"] == "square" and processor.vision_aspect_ratio == "anyres_max_4"
+    assert batch["pixel_values"].shape == (1, 1, 3, CROP, CROP)
+    anyres = processor(images=[wide], text=["<image>"], return_tensors="pt")
+    assert torch.equal(batch["pixel_values"][0, 0], anyres["pixel_values"][0, 0])  # the base crop: the image squashed
+    assert int((batch["input_ids"] == IMAGE_ID).sum()) == (CROP // PATCH) ** 2  # one crop's features, no newline
+    model = tiny_llada_v().eval()
+    with torch.no_grad():
+        features = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"],
+                                                  batch["batch_num_images"], vision_aspect_ratio="square")
+        tower = model.model.vision_tower(batch["pixel_values"][0], output_hidden_states=True)
+        crop = model.model.multi_modal_projector(tower.hidden_states[-1])  # before the tower's post_layernorm
+    assert torch.equal(features[0], crop[0])  # the projected features of the squashed crop, nothing appended
+    gridded = DataCollatorForVisionMaskedDiffusion(processor, prompt_template="plain",
+                                                   vision_aspect_ratio="anyres_max_4")
+    assert gridded([{"image": wide, "prompt": "<image>", "completion": " a"}])["pixel_values"].shape[1] == 4
 
 
 # ---- the loss ----
@@ -185,8 +217,10 @@ def test_vision_loss_equals_the_llada_v_loss_computed_by_hand(tmp_path, processo
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_noise_copies_keep_their_images(tmp_path, processor):
-    trainer = make_trainer(tmp_path, processor, dataset=caption_dataset(), noise_samples_per_example=2)
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_noise_copies_keep_their_images(tmp_path, processor, template):
+    trainer = make_trainer(tmp_path, processor, dataset=caption_dataset(), noise_samples_per_example=2,
+                           prompt_template=template)
     assert trainer.train().global_step == 2
 
 
@@ -196,6 +230,7 @@ def test_noise_copies_keep_their_images(tmp_path, processor):
 def test_stage_projector_trains_only_the_projector_and_the_rest_stays_bit_identical(tmp_path, processor):
     trainer = make_trainer(tmp_path, processor, dataset=caption_dataset(), stage="projector")
     assert trainer.data_collator.prompt_template == "plain"
+    assert first_batch(trainer)["vision_aspect_ratio"] == "square"  # the official stage-1 packing
     before = snapshot(trainer.model)
     trainer.train()
     for name, parameter in trainer.model.named_parameters():
@@ -223,14 +258,22 @@ def test_stage_instruct_trains_everything_with_a_lower_tower_learning_rate(tmp_p
 
 
 def test_official_hyperparameters_are_the_defaults_of_for_stage():
+    """The official scripts: llada_v_pretrain.sh, llada_v_si_10M.sh / llada_v_ov_2M.sh, llada_v_vw.sh."""
     stage1 = DiffusionSFTConfig.for_stage("projector", output_dir="out", bf16=False)
     assert (stage1.learning_rate, stage1.per_device_train_batch_size, stage1.max_length) == (1e-3, 16, 8192)
     assert stage1.lr_scheduler_type == "cosine" and stage1.warmup_steps == 0.03
-    assert stage1.image_prompt_template == "plain"
+    assert stage1.image_prompt_template == "plain" and not stage1.dataloader_drop_last
     stage2 = DiffusionSFTConfig.for_stage("instruct", output_dir="out", bf16=False)
     assert (stage2.learning_rate, stage2.vision_tower_learning_rate, stage2.gradient_accumulation_steps) == (
         1e-5, 2e-6, 4)
-    assert STAGE_PRESETS["reasoning"] == STAGE_PRESETS["instruct"]
+    assert stage2.max_length == 16384  # the OneVision part's (its single-image part: 8192)
+    stage3 = DiffusionSFTConfig.for_stage("reasoning", output_dir="out", bf16=False)
+    assert stage3.max_length == 8192  # llada_v_vw.sh, not stage 2's 16384
+    assert {**STAGE_PRESETS["reasoning"].official_args, "max_length": 16384} == STAGE_PRESETS["instruct"].official_args
+    assert stage2.dataloader_drop_last and stage3.dataloader_drop_last
+    for stage in (stage1, stage2, stage3):
+        assert stage.num_train_epochs == 1  # every script: --num_train_epochs 1 (transformers' default is 3)
+        assert stage.weight_decay == 0.0
     assert DiffusionSFTConfig.for_stage("reasoning", output_dir="out", learning_rate=3e-5).learning_rate == 3e-5
 
 
@@ -454,8 +497,8 @@ def test_cli_train_stage_takes_the_official_hyperparameters_as_defaults(tmp_path
     assert code == 0
     args = torch.load(out / "training_args.bin", weights_only=False)
     assert args.stage == "projector" and args.image_prompt_template == "plain"
-    assert (args.learning_rate, args.lr_scheduler_type, args.warmup_steps, args.max_length) == (
-        1e-3, "cosine", 0.03, 8192)  # official
+    assert (args.learning_rate, args.lr_scheduler_type, args.warmup_steps, args.max_length, args.num_train_epochs) == (
+        1e-3, "cosine", 0.03, 8192, 1)  # official
     assert args.per_device_train_batch_size == 2  # given on the command line
     trained = LladaVForConditionalGeneration.from_pretrained(out)
     for name, value in trained.state_dict().items():

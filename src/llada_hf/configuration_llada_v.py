@@ -1,23 +1,23 @@
-"""LLaDA-V configuration, and the image geometry shared by the processor and the model.
+"""LLaDA-V configuration (ours, and the official `llava_llada` config.json read into it).
 
 Part of the model bundle: imports only torch, transformers and sibling bundle modules, because it is
 copied next to every saved checkpoint and must run where `llada_hf` is not installed.
 
 LLaDA-V = a SigLIP vision tower (penultimate layer) + an `mlp2x_gelu` projector + the LLaDA language model,
-with LLaVA-OneVision's image packing (anyres grid, unpadding, `image_newline`, `anyres_max_N` downscale).
+with LLaVA-OneVision's image packing (anyres grid, unpadding, `image_newline`, `anyres_max_N` downscale), whose
+arithmetic lives in `geometry_llada_v.py`.
 """
 
 import json
-import math
 import os
 import re
 from typing import Any, ClassVar
 
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.image_processing_utils import select_best_resolution
 from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
 
 from .configuration_llada import LladaConfig
+from .geometry_llada_v import max_num_patches
 
 
 BUNDLE_AUTO_MAP_V = {
@@ -94,8 +94,9 @@ class LladaVConfig(PreTrainedConfig):
             the LLaDA tokenizer as its training code does, which gives it the id 126349 (the tokenizer's length).
         image_grid_pinpoints: candidate `[height, width]` resolutions of the anyres grid (transformers'
             convention; official configs store `[width, height]` pairs, transposed on reading).
-        vision_aspect_ratio: `"anyres_max_N"` (downscale an unpadded grid above N crops' worth of tokens) or
-            `"anyres"` (never downscale).
+        vision_aspect_ratio: `"anyres_max_N"` (downscale an unpadded grid above N crops' worth of tokens),
+            `"anyres"` (never downscale) or `"square"` (each image one crop, squashed, or padded to a square among
+            several, without `image_newline`: the official stage-1 packing; `geometry_llada_v.py` has the layouts).
         vision_feature_layer: hidden state of the tower that is projected (-1: the last kept layer, before the
             tower's final layer norm).
         projector_hidden_act, multimodal_projector_bias: the projector's activation and biases.
@@ -200,71 +201,4 @@ def official_pinpoints(pinpoints: str | list, crop_size: int) -> list[list[int]]
     return [[int(h), int(w)] for w, h in pinpoints]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Image geometry: pure integer arithmetic shared by `LladaVProcessor` (how many placeholders an image needs) and
-# `LladaVModel` (how its features are packed), so the two can never disagree.
-
-
-def max_num_patches(vision_aspect_ratio: str) -> int | None:
-    """N of `"anyres_max_N"`; None for `"anyres"` (no downscale)."""
-    if vision_aspect_ratio == "anyres":
-        return None
-    match = re.fullmatch(r"anyres_max_(\d+)", str(vision_aspect_ratio))
-    if match is None:
-        raise ValueError(f"`vision_aspect_ratio` must be 'anyres' or 'anyres_max_N', got {vision_aspect_ratio!r}.")
-    return int(match.group(1))
-
-
-def anyres_grid(image_size: tuple[int, int], pinpoints: list, crop_size: int) -> tuple[int, int]:
-    """(rows, cols) of crops for an image of (height, width): the official / LLaVA-OneVision best-fit choice."""
-    height, width = select_best_resolution(tuple(image_size), pinpoints)
-    return height // crop_size, width // crop_size
-
-
-def unpad_bounds(image_size: tuple[int, int], grid_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the part of a padded (rows, cols) feature grid that shows an image of
-    (height, width). As the official `unpad_image`: the kept extent is truncated with `int()` (transformers
-    rounds it to 7 decimals first, which keeps one more row or column when the product is just below an integer).
-    """
-    height, width = image_size
-    rows, cols = grid_size
-    if width / height > cols / rows:  # padding was added above and below
-        kept = int(height * (cols / width))
-        pad = (rows - kept) // 2
-        return pad, rows - pad, 0, cols
-    kept = int(width * (rows / height))
-    pad = (cols - kept) // 2
-    return 0, rows, pad, cols - pad
-
-
-def downscaled_size(rows: int, cols: int, unit: int, max_patches: int | None) -> tuple[int, int] | None:
-    """The `anyres_max_N` target (rows, cols) of an unpadded grid with more than ~N crops' tokens, else None."""
-    if max_patches is None:
-        return None
-    times = math.sqrt(rows * cols / (max_patches * unit**2))
-    return (int(rows // times), int(cols // times)) if times > 1.1 else None
-
-
-def num_image_tokens(
-    image_size: tuple[int, int], pinpoints: list, crop_size: int, unit: int, vision_aspect_ratio: str, anyres: bool
-) -> int:
-    """Feature count of one image: the base crop (unit x unit) then the unpadded grid with one newline per row
-    (`anyres`), or one crop and one newline (an image of a multi-image prompt).
-
-    Example:
-        ```python
-        >>> from llada_hf.configuration_llada_v import OFFICIAL_GRID, num_image_tokens
-        >>> num_image_tokens((384, 768), OFFICIAL_GRID, 384, 27, "anyres_max_4", anyres=True)  # 729 + 27 * (54 + 1)
-        2214
-        ```
-    """
-    if not anyres:
-        return unit * unit + 1
-    rows, cols = anyres_grid(image_size, pinpoints, crop_size)
-    top, bottom, left, right = unpad_bounds(image_size, (rows * unit, cols * unit))
-    height, width = bottom - top, right - left
-    height, width = downscaled_size(height, width, unit, max_num_patches(vision_aspect_ratio)) or (height, width)
-    return unit * unit + height * (width + 1)
-
-
-__all__ = ["LladaVConfig", "num_image_tokens"]
+__all__ = ["LladaVConfig"]

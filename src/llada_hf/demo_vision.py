@@ -17,7 +17,7 @@
    modules and tower learning rate;
 4. after each stage asks both models about held-out pictures (exact match of the caption, of the answer, of the
    final answer of the reasoning) and prints the table. LLaDA-V fills a canvas of exactly the length its answers of
-   that kind were trained with (`answer_canvases`: caption 6 tokens, one-word answer 2, chain 11); LLaVA stops at
+   that kind were trained with (`answer_canvases`: caption 5 tokens, one-word answer 2, chain 11); LLaVA stops at
    its end token;
 5. writes a PNG grid of test pictures with both models' answers.
 
@@ -289,8 +289,9 @@ def stage_rows(data: dict, stage: str, autoregressive: bool, eos: str) -> "Datas
 
 
 def trainer_rows(data: dict, stage: str, autoregressive: bool, eos: str) -> list[dict]:
-    """The stage's rows as the trainers take them: stage 1 as plain captions (the AR model gets the same text the
-    plain template renders: the image, the caption, a newline, EOS), the others as chat rows."""
+    """The stage's rows as the trainers take them: stage 1 as plain captions (the AR model gets the text the plain
+    template renders, the image, the caption and a newline, then EOS, where it learns to stop), the others as chat
+    rows."""
     rows = data["train"][stage]
     if stage == "projector":
         suffix = "\n" + eos if autoregressive else ""

@@ -409,16 +409,8 @@ class LladaForMaskedDiffusion(DiffusionGenerationMixin, LladaPreTrainedModel):
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)  # [B, kept, vocab]
 
-        loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:-1]:
-                raise ValueError(
-                    f"`labels` must have shape {tuple(logits.shape[:-1])} (one label per kept position), "
-                    f"got {tuple(labels.shape)}."
-                )
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return MaskedDiffusionOutput(
-            loss=loss,
+            loss=masked_token_cross_entropy(logits, labels) if labels is not None else None,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
@@ -441,7 +433,9 @@ BUNDLE_FILES = (
     "configuration_llada.py", "modeling_llada.py", "cache_llada.py", "generation_llada.py", "decoding_llada.py",
     "streaming_llada.py",
 )
-VISION_BUNDLE_FILES = ("configuration_llada_v.py", "modeling_llada_v.py", "processing_llada_v.py")  # LLaDA-V, on top
+VISION_BUNDLE_FILES = (  # LLaDA-V, on top
+    "configuration_llada_v.py", "geometry_llada_v.py", "modeling_llada_v.py", "processing_llada_v.py",
+)
 
 
 def copy_bundle_files(save_directory, names: tuple[str, ...] = BUNDLE_FILES) -> list[str]:
@@ -464,3 +458,14 @@ __all__ = [
     "VISION_BUNDLE_FILES",
     "copy_bundle_files",
 ]
+
+
+def masked_token_cross_entropy(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+    """Mean cross-entropy of `logits` [B, L, V] against `labels` [B, L] where `labels != -100`, position i against
+    `labels[:, i]` (no shift: a masked diffusion model predicts the token at its own position), in float32."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"`labels` must have shape {tuple(logits.shape[:-1])} (one label per kept position), got "
+            f"{tuple(labels.shape)}."
+        )
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)

@@ -3,11 +3,15 @@
 Part of the model bundle: imports only torch, transformers and sibling bundle modules, because it is
 copied next to every saved checkpoint and must run where `llada_hf` is not installed.
 
-Module tree and names follow transformers' LLaVA-OneVision (`model.vision_tower`, `model.multi_modal_projector`,
-`model.image_newline`, `model.language_model`, `lm_head`). Official `llava_llada` checkpoints load unchanged
-through a registered checkpoint conversion mapping. Reused from transformers: `SiglipVisionModel` (the tower,
-holding only the kept layers; features are its last hidden state *before* `post_layernorm`),
-`LlavaOnevisionMultiModalProjector` (= the official `mlp2x_gelu`) and the anyres best-fit grid choice. The image
+Built by composition, as transformers' LLaVA-OneVision: `LladaVModel` holds the vision tower, the projector, the
+`image_newline` vector and the LLaDA body (`LladaModel`) and merges image features into the token embeddings;
+`LladaVForConditionalGeneration` holds `LladaVModel` and the LM head, and gets the diffusion sampler from the text
+bundle's `DiffusionGenerationMixin` (the same step engine as the text model, driven from `inputs_embeds`). Module
+tree and names are LLaVA-OneVision's (`model.vision_tower`, `model.multi_modal_projector`, `model.image_newline`,
+`model.language_model`, `lm_head`). Official `llava_llada` checkpoints load unchanged through a registered
+checkpoint conversion mapping. Reused from transformers: `SiglipVisionModel` (the tower, holding only the kept
+layers; features are its last hidden state *before* `post_layernorm`) and `LlavaOnevisionMultiModalProjector` (= the
+official `mlp2x_gelu`). Crop and feature counts come from `geometry_llada_v.py`, shared with the processor; the
 packing follows the official code where transformers' LLaVA-OneVision differs (see `pack_image_features`).
 """
 
@@ -17,24 +21,23 @@ from torch import nn
 
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionMultiModalProjector
 from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_llada import LladaConfig
-from .configuration_llada_v import (
-    LladaVConfig,
-    anyres_grid,
-    downscaled_size,
-    max_num_patches,
-    unpad_bounds,
-)
+from .configuration_llada import LladaConfig, check_token_ids
+from .configuration_llada_v import LladaVConfig
+from .generation_llada import DiffusionGenerationMixin
+from .geometry_llada_v import CROP, CROP_ROW, ImageGeometry
 from .modeling_llada import (
+    BUNDLE_FILES,
     VISION_BUNDLE_FILES,
-    LladaForMaskedDiffusion,
     LladaModel,
     LladaPreTrainedModel,
     MaskedDiffusionOutput,
     copy_bundle_files,
+    masked_token_cross_entropy,
 )
 
 
@@ -86,60 +89,62 @@ class LladaVModel(LladaVPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.embed_tokens = value
 
-    @property
-    def patches_per_side(self) -> int:
-        return self.config.vision_config.image_size // self.config.vision_config.patch_size
+    def image_geometry(self, vision_aspect_ratio: str | None = None) -> ImageGeometry:
+        """Crop and feature counts of this model's images (`vision_aspect_ratio` in place of the config's)."""
+        return ImageGeometry.from_config(self.config, vision_aspect_ratio)
 
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
         image_sizes: torch.Tensor | list,
         batch_num_images: torch.Tensor | list | None = None,
+        vision_aspect_ratio: str | None = None,
     ) -> list[torch.Tensor]:
         """Run the tower once over every crop of every image; return each image's packed features [tokens, hidden].
 
         `pixel_values`: [images, crops, C, H, W] as the processor returns it (crops zero-padded to the largest
         count), or [all crops, C, H, W]. `image_sizes`: [images, 2] original (height, width). `batch_num_images`:
-        images per prompt; an image of a multi-image prompt is one padded-square crop (no anyres grid).
+        images per prompt (default: one each); an image of a multi-image prompt is one padded-square crop (no anyres
+        grid). `vision_aspect_ratio`: the config's unless given (`"square"`: every image its first crop alone, the
+        official stage-1 packing).
         """
         sizes = _image_sizes(image_sizes)
-        anyres = _anyres_flags(len(sizes), batch_num_images)
-        crop = self.config.vision_config.image_size
-        crops = [
-            1 + rows * cols if grid else 1
-            for (rows, cols), grid in zip(
-                (anyres_grid(size, self.config.image_grid_pinpoints, crop) for size in sizes), anyres
-            )
-        ]
+        geometry = self.image_geometry(vision_aspect_ratio)
+        layouts = geometry.layouts(_images_per_prompt(len(sizes), batch_num_images))
+        crops = [geometry.num_crops(size, layout) for size, layout in zip(sizes, layouts)]
         pixel_values = self._flat_crops(pixel_values, crops)  # [all crops, C, H, W]
         hidden = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
         features = self.multi_modal_projector(hidden[self.config.vision_feature_layer])  # [all crops, unit², hidden]
         return [
-            self.pack_image_features(image, size, grid)
-            for image, size, grid in zip(features.split(crops), sizes, anyres)
+            self.pack_image_features(image, size, layout, geometry)
+            for image, size, layout in zip(features.split(crops), sizes, layouts)
         ]
 
-    def pack_image_features(self, features: torch.Tensor, image_size: tuple[int, int], anyres: bool) -> torch.Tensor:
+    def pack_image_features(
+        self, features: torch.Tensor, image_size: tuple[int, int], layout: str, geometry: ImageGeometry
+    ) -> torch.Tensor:
         """One image's crop features [crops, unit², hidden] -> its token features [tokens, hidden].
 
-        anyres: the base crop's unit² features, then the grid of the other crops, unpadded to the image's aspect
+        `"grid"`: the base crop's unit² features, then the grid of the other crops, unpadded to the image's aspect
         ratio, downscaled (bilinear) when `anyres_max_N` says it is too large, with `image_newline` after each row.
-        Otherwise (an image of a multi-image prompt): its one crop's features and one `image_newline`, as the
-        official model packs a single crop. Differences from transformers' LLaVA-OneVision, official behaviour kept:
-        unpadding truncates the kept extent (`unpad_bounds`), and the grid pinpoints are tried in the official
-        order (`LladaVConfig.image_grid_pinpoints`).
+        `"crop_row"` (an image of a multi-image prompt): its one crop's features and one `image_newline`, as the
+        official model packs a single crop. `"crop"` (`"square"`): its one crop's features alone. Differences from
+        transformers' LLaVA-OneVision, official behaviour kept: unpadding truncates the kept extent (`unpad_bounds`),
+        and the grid pinpoints are tried in the official order (`LladaVConfig.image_grid_pinpoints`).
         """
         newline = self.image_newline.to(features.dtype)
-        if not anyres:
+        if layout == CROP:
+            return features[0]  # [unit², hidden]
+        if layout == CROP_ROW:
             return torch.cat((features[0], newline[None]))  # [unit² + 1, hidden]
-        unit = self.patches_per_side
-        rows, cols = anyres_grid(image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+        unit = geometry.patches_per_side
+        rows, cols = geometry.grid(image_size)
         base, grid = features[0], features[1:]
         grid = grid.view(rows, cols, unit, unit, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
         # grid: [hidden, rows * unit, cols * unit]
-        top, bottom, left, right = unpad_bounds(image_size, tuple(grid.shape[1:]))
+        top, bottom, left, right = geometry.unpadded_bounds(image_size)
         grid = grid[:, top:bottom, left:right]
-        target = downscaled_size(*grid.shape[1:], unit, max_num_patches(self.config.vision_aspect_ratio))
+        target = geometry.downscaled_size(*grid.shape[1:])
         if target is not None:
             grid = F.interpolate(grid[None], list(target), mode="bilinear")[0]
         grid = torch.cat((grid, newline[:, None, None].expand(*grid.shape[:-1], 1)), dim=-1)  # [hidden, h, w + 1]
@@ -179,11 +184,21 @@ class LladaVModel(LladaVPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | list | None = None,
         batch_num_images: torch.Tensor | list | None = None,
+        vision_aspect_ratio: str | None = None,
+        check_input_ids: bool = True,
     ) -> torch.Tensor:
-        """Token embeddings [B, L, hidden] with every image placeholder replaced by the next image feature."""
+        """Token embeddings [B, L, hidden] with every image placeholder replaced by the next image feature.
+
+        `check_input_ids=False` skips the check that every other id is a row of the embedding (a host sync), as the
+        language model's own flag."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must be 2-D [batch, length], got shape {tuple(input_ids.shape)}.")
+        if input_ids.is_floating_point():
+            raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
         image_mask = input_ids == self.config.image_token_id  # [B, L]
         token_ids = input_ids.masked_fill(image_mask, 0)
-        self.language_model._check_input_ids(token_ids)
+        if check_input_ids and not torch.compiler.is_compiling():  # a host sync cannot be compiled
+            check_token_ids(token_ids, self.config.text_config.vocab_size)
         inputs_embeds = self.language_model.embed_tokens(token_ids)  # [B, L, hidden]
         placeholders = int(image_mask.sum())
         if pixel_values is None:
@@ -195,7 +210,7 @@ class LladaVModel(LladaVPreTrainedModel):
             return inputs_embeds
         if image_sizes is None:
             raise ValueError("`pixel_values` need `image_sizes` (the processor returns both).")
-        features = self.get_image_features(pixel_values, image_sizes, batch_num_images)
+        features = self.get_image_features(pixel_values, image_sizes, batch_num_images, vision_aspect_ratio)
         counts = [len(f) for f in features]
         if placeholders != sum(counts):
             raise ValueError(
@@ -217,17 +232,20 @@ class LladaVModel(LladaVPreTrainedModel):
         cache=None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        vision_aspect_ratio: str | None = None,
+        check_input_ids: bool = True,
         **kwargs,
     ):
         """The language model's output over the merged sequence (text embeddings with image features spliced in).
 
         With `inputs_embeds` (e.g. merged once by `embed_multimodal` and reused at every denoising step) the
-        vision tower does not run.
+        vision tower does not run. `vision_aspect_ratio` and `check_input_ids`: as `embed_multimodal`.
         """
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass `input_ids` (with `pixel_values` for images) or `inputs_embeds`.")
-            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, image_sizes, batch_num_images)
+            inputs_embeds = self.embed_multimodal(input_ids, pixel_values, image_sizes, batch_num_images,
+                                                  vision_aspect_ratio, check_input_ids)
         elif pixel_values is not None or input_ids is not None:
             raise ValueError(
                 "Pass either `input_ids` (+ `pixel_values`) or `inputs_embeds`, which already hold the image features."
@@ -242,8 +260,9 @@ class LladaVModel(LladaVPreTrainedModel):
         )
 
 
-class LladaVForConditionalGeneration(LladaVPreTrainedModel, LladaForMaskedDiffusion):
-    """LLaDA-V with its LM head: the text model's head, loss, saving and diffusion `generate()`, over `LladaVModel`.
+class LladaVForConditionalGeneration(DiffusionGenerationMixin, LladaVPreTrainedModel):
+    """LLaDA-V with its LM head: `LladaVModel` + `lm_head`, scored as the text model (masked-token loss, unshifted
+    labels) and decoded by the text model's diffusion sampler (`DiffusionGenerationMixin`, from `inputs_embeds`).
 
     Example:
         ```python
@@ -264,9 +283,10 @@ class LladaVForConditionalGeneration(LladaVPreTrainedModel, LladaForMaskedDiffus
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: LladaVConfig):
-        LladaVPreTrainedModel.__init__(self, config)  # not the text model's __init__, which builds a text-only body
+        super().__init__(config)
         self.model = LladaVModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
@@ -341,6 +361,7 @@ class LladaVForConditionalGeneration(LladaVPreTrainedModel, LladaForMaskedDiffus
         output = super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         return _with_prompt(input_ids, output)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -354,30 +375,45 @@ class LladaVForConditionalGeneration(LladaVPreTrainedModel, LladaForMaskedDiffus
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        vision_aspect_ratio: str | None = None,
         **kwargs,
     ) -> MaskedDiffusionOutput:
         """Logits for every position of the merged sequence (one position per image feature); with `labels`
-        (one per merged position, -100 = ignored, not shifted) the masked-token cross-entropy, as the text model."""
-        return super().forward(
+        (one per merged position, -100 = ignored, not shifted) the masked-token cross-entropy, as the text model.
+
+        `logits_to_keep` (int = last N positions, or a tensor of positions) limits the LM head to the positions that
+        are needed; `vision_aspect_ratio` packs the images otherwise than the config says (`"square"`: the official
+        stage-1 packing, one crop per image); `check_input_ids=False` (passed on) skips the vocabulary check.
+        """
+        outputs = self.model(
             input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            batch_num_images=batch_num_images,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
-            labels=labels,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            batch_num_images=batch_num_images,
+            vision_aspect_ratio=vision_aspect_ratio,
             **kwargs,
         )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)  # [B, kept, vocab]
+        return MaskedDiffusionOutput(
+            loss=masked_token_cross_entropy(logits, labels) if labels is not None else None,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As the text model (our names, `auto_map`, the text bundle), plus the vision bundle's files."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """Save weights (our names, as the text model: `save_original_format=False`), config with `auto_map`, and
+        the text and vision bundles' code, so the folder runs with `trust_remote_code=True` without `llada_hf`."""
+        super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
         if kwargs.get("is_main_process", True):
-            copy_bundle_files(save_directory, VISION_BUNDLE_FILES)
+            copy_bundle_files(save_directory, BUNDLE_FILES + VISION_BUNDLE_FILES)
 
 
 def fill_suppress_tokens(generation_config, text: LladaConfig) -> None:
@@ -411,14 +447,14 @@ def _image_sizes(image_sizes) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in sizes]
 
 
-def _anyres_flags(num_images: int, batch_num_images) -> list[bool]:
-    """Per image: processed as an anyres grid (the only image of its prompt) or as one padded crop."""
+def _images_per_prompt(num_images: int, batch_num_images) -> list[int]:
+    """The number of images of each prompt: `batch_num_images`, checked against the images; without it, one each."""
     if batch_num_images is None:
-        return [True] * num_images
+        return [1] * num_images
     counts = batch_num_images.tolist() if torch.is_tensor(batch_num_images) else list(batch_num_images)
     if sum(counts) != num_images:
         raise ValueError(f"`batch_num_images` {counts} does not add up to the {num_images} images of `image_sizes`.")
-    return [count == 1 for count in counts for _ in range(count)]
+    return [int(count) for count in counts]
 
 
 __all__ = ["LladaVPreTrainedModel", "LladaVModel", "LladaVForConditionalGeneration"]

@@ -8,7 +8,9 @@ Images go through transformers' LLaVA-OneVision image processor (its PIL backend
 the official one: 384 px crops, mean = std = 0.5, bicubic resizing, the official grid pinpoints. For one image in
 a prompt: the image squashed to one crop, then the crops of the image resized and zero-padded to the best grid
 resolution (the official `process_anyres_image`). For several images in a prompt: each image padded to a square
-with the mean colour and resized to one crop (what the official code does with several images).
+with the mean colour and resized to one crop (what the official code does with several images). With
+`vision_aspect_ratio="square"` (the official stage 1) only the first of these crops is kept: an image alone in its
+prompt squashed to one crop, no grid. `geometry_llada_v.py` counts the crops and placeholders.
 """
 
 import numpy as np
@@ -19,7 +21,8 @@ from transformers.image_utils import PILImageResampling
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_llada_v import OFFICIAL_GRID, num_image_tokens
+from .configuration_llada_v import OFFICIAL_GRID
+from .geometry_llada_v import SQUARE, ImageGeometry, max_num_patches
 
 
 IMAGE_TOKEN = "<image>"
@@ -88,7 +91,8 @@ class LladaVProcessor(ProcessorMixin):
         tokenizer: the LLaDA tokenizer.
         chat_template: default: the official LLaDA-V template (`LLADA_V_CHAT_TEMPLATE`).
         num_image_tokens: features per crop (official: (384 / 14)² = 729).
-        vision_aspect_ratio: as `LladaVConfig.vision_aspect_ratio`.
+        vision_aspect_ratio: as `LladaVConfig.vision_aspect_ratio` (`"square"`: every image one crop, the official
+            stage-1 packing).
 
     Example:
         ```python
@@ -122,6 +126,7 @@ class LladaVProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if tokenizer is not None else None
         self.num_image_tokens = num_image_tokens
         self.vision_aspect_ratio = vision_aspect_ratio
+        max_num_patches(vision_aspect_ratio)  # validates the value
         chat_template = chat_template if chat_template is not None else LLADA_V_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
@@ -166,22 +171,32 @@ class LladaVProcessor(ProcessorMixin):
             ) from error
         return (official_rgb(group_images(images, text)) if images is not None else None), text, videos, audio
 
+    @property
+    def image_geometry(self) -> ImageGeometry:
+        """The crop and placeholder counts of this processor's images (the model's, for the matching config)."""
+        return ImageGeometry(self.image_processor.size["height"], round(self.num_image_tokens**0.5),
+                             self.image_processor.image_grid_pinpoints, self.vision_aspect_ratio)
+
+    def _process_images(self, images, **kwargs):
+        """As transformers' processors (the image processor, then each image's placeholders); under `"square"` each
+        image keeps its first crop only: the image squashed when it is alone in its prompt, padded to a square among
+        several (as the official training code, whatever its `image_aspect_ratio`). The anyres grid, never sent
+        then, is limited to 1 x 1 crop so that it costs nothing."""
+        if self.vision_aspect_ratio != SQUARE:
+            return super()._process_images(images, **kwargs)
+        crop = self.image_processor.size["height"]
+        processed, replacements = super()._process_images(images, **{**kwargs, "image_grid_pinpoints": [[crop, crop]]})
+        pixels = processed["pixel_values"]  # [images, crops, C, H, W]: a tensor, or a list of arrays
+        processed["pixel_values"] = pixels[:, :1] if hasattr(pixels, "shape") else [crops[:1] for crops in pixels]
+        return processed, replacements
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The placeholders of image `image_idx`: one per feature the model will put there."""
-        per_prompt = [int(n) for n in image_inputs["batch_num_images"]]
-        prompt = next(i for i in range(len(per_prompt)) if image_idx < sum(per_prompt[: i + 1]))
+        geometry = self.image_geometry
+        layout = geometry.layouts([int(n) for n in image_inputs["batch_num_images"]])[image_idx]
         size = image_inputs["image_sizes"][image_idx]
         size = tuple(int(v) for v in (size.tolist() if hasattr(size, "tolist") else size))
-        crop = self.image_processor.size["height"]
-        count = num_image_tokens(
-            size,
-            self.image_processor.image_grid_pinpoints,
-            crop,
-            round(self.num_image_tokens**0.5),
-            self.vision_aspect_ratio,
-            anyres=per_prompt[prompt] == 1,
-        )
-        return self.image_token * count
+        return self.image_token * geometry.num_tokens(size, layout)
 
 
 def group_images(images, text):

@@ -3,15 +3,35 @@
 LLaDA-V is trained by supervised fine-tuning only, in three stages (docs/LLADA_V.md section 5; the official scripts
 `train/scripts/**` of ML-GSAI/LLaDA-V, built on LLaVA-NeXT):
 
-| stage         | data                                  | trains                           | template | lr (tower)  |
-|---------------|---------------------------------------|----------------------------------|----------|-------------|
-| `"projector"` | image captions (LLaVA-Pretrain 558K)  | projector                        | `plain`  | 1e-3 (-)    |
-| `"instruct"`  | visual instructions (MAmmoTH-VL)      | tower, projector, language model | `chat`   | 1e-5 (2e-6) |
-| `"reasoning"` | chains of thought (VisualWebInstruct) | tower, projector, language model | `chat`   | 1e-5 (2e-6) |
+| stage         | data                                  | trains                   | template | lr (tower)  | length |
+|---------------|---------------------------------------|--------------------------|----------|-------------|--------|
+| `"projector"` | image captions (LLaVA-Pretrain 558K)  | projector                | `plain`  | 1e-3 (-)    | 8192   |
+| `"instruct"`  | visual instructions (MAmmoTH-VL)      | tower, projector, LM     | `chat`   | 1e-5 (2e-6) | 16384  |
+| `"reasoning"` | chains of thought (VisualWebInstruct) | tower, projector, LM     | `chat`   | 1e-5 (2e-6) | 8192   |
 
 `DiffusionSFTConfig(stage=...)` selects the trainable modules, the prompt template and the tower's learning rate;
 `DiffusionSFTConfig.for_stage(...)` (and `llada-hf train --stage ...`) also take the official hyperparameters of
-`StagePreset.official_args` as defaults, for full-size runs.
+`StagePreset.official_args` as defaults, for full-size runs. Every official stage runs one epoch
+(`--num_train_epochs 1`), with a cosine schedule, warm-up ratio 0.03 and no weight decay (our default too).
+
+What each stage's script sets, and where the presets stand:
+- Stage 1 (`llada_v_pretrain.sh`): batch 16 per device on 4 GPUs, maximum length 8192, template `llada_plain`
+  (the image, the caption, a newline: no EOS, which comes only as padding). It sets neither `image_aspect_ratio` nor
+  `mm_patch_merge_type`, so the training script's defaults hold (`"square"`, `"flat"`): each image is squashed to one
+  crop, its features follow without anyres grid or `image_newline`. The `plain` template packs images so
+  (`vision_aspect_ratio="square"` in the batch; `DataCollatorForVisionMaskedDiffusion`).
+- Stage 2 (`llada_v_si_10M.sh`, then `llada_v_ov_2M.sh`): batch 1 per device, accumulation 4, 64 GPUs, the last
+  incomplete batch dropped; `anyres_max_4` packing. Its two parts differ in maximum length: 8192 for the
+  single-image part, 16384 for the OneVision part. The preset follows the OneVision part (16384): it is the stage's
+  final part, the one whose weights the stage hands on, and its several-image rows need the room; a maximum length
+  only cuts longer rows, never pads, so single-image rows within 8192 tokens train the same under either (pass
+  `max_length=8192` to run the single-image part exactly as its script).
+- Stage 3 (`llada_v_vw.sh`): the settings of stage 2 with maximum length 8192 (its variant mixed with OneVision
+  data, `llada_v_mix_ov_vw.sh`, uses 16384).
+- Not taken: `group_by_modality_length` in stages 2-3 (LLaVA's own sampler, which orders the rows so that a global
+  batch holds one modality of similar lengths: a data order, `group_by_length` is transformers' nearest),
+  `torch_compile` and `tf32` (speed, hardware), `frames_upbound` (video, not taken here), DeepSpeed ZeRO-3 (a
+  launcher choice: `accelerate launch --config_file ...`).
 
 The module groups of `LladaVForConditionalGeneration`, by parameter name: the vision tower (`model.vision_tower.*`),
 the projector (`model.multi_modal_projector.*`) and the language model (everything else: `model.language_model.*`,
@@ -29,10 +49,15 @@ VISION_TOWER, PROJECTOR, LANGUAGE_MODEL = "vision_tower", "multi_modal_projector
 MODULE_PREFIXES = {VISION_TOWER: "model.vision_tower.", PROJECTOR: "model.multi_modal_projector."}
 PROMPT_TEMPLATES = ("chat", "plain")
 
-# Shared by every stage (docs/LLADA_V.md section 5, "Common settings"): cosine schedule, warm-up ratio 0.03 (a float
-# `warmup_steps` below 1 is a ratio). DeepSpeed ZeRO-3 is a launcher choice (`accelerate launch --config_file ...`);
-# bf16 and gradient checkpointing are already `DiffusionSFTConfig`'s defaults (bf16 where the hardware has it).
-_COMMON_ARGS = {"lr_scheduler_type": "cosine", "warmup_steps": 0.03}
+# Shared by every stage (docs/LLADA_V.md section 5, "Common settings"): one epoch (transformers' default is 3),
+# cosine schedule, warm-up ratio 0.03 (a float `warmup_steps` below 1 is a ratio). DeepSpeed ZeRO-3 is a launcher
+# choice (`accelerate launch --config_file ...`); bf16, gradient checkpointing and no weight decay are already
+# `DiffusionSFTConfig`'s defaults (bf16 where the hardware has it).
+_COMMON_ARGS = {"num_train_epochs": 1, "lr_scheduler_type": "cosine", "warmup_steps": 0.03}
+# Stages 2 and 3, which train everything: batch 1 per device, accumulation 4 (64 GPUs: global 256), the tower at
+# 2e-6, the last incomplete batch dropped
+_FULL_TUNING_ARGS = {**_COMMON_ARGS, "learning_rate": 1e-5, "vision_tower_learning_rate": 2e-6,
+                     "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "dataloader_drop_last": True}
 
 
 @dataclass(frozen=True)
@@ -41,8 +66,8 @@ class StagePreset:
 
     Args:
         trainable: the module groups that train (`"vision_tower"`, `"multi_modal_projector"`, `"language_model"`).
-        prompt_template: `"plain"` (the image, then the caption: official `llada_plain`) or `"chat"` (the
-            processor's chat template: official `llava_llada`).
+        prompt_template: `"plain"` (the image as one squashed crop, then the caption: official `llada_plain` with
+            the stage-1 packing) or `"chat"` (the processor's chat template: official `llava_llada`).
         vision_tower_lr_ratio: the tower's learning rate over the others' when `vision_tower_learning_rate` is
             unset (official: 2e-6 / 1e-5); `None` when the tower is frozen.
         official_args: the official hyperparameters, as `DiffusionSFTConfig` fields (per device: the official
@@ -56,7 +81,7 @@ class StagePreset:
 
 
 STAGE_PRESETS: dict[str, StagePreset] = {
-    # Stage 1, alignment: LLaVA-Pretrain 558K captions, batch 16 per device on 4 GPUs, maximum length 8192
+    # Stage 1, alignment (llada_v_pretrain.sh): LLaVA-Pretrain 558K captions, batch 16 per device on 4 GPUs
     "projector": StagePreset(
         trainable=(PROJECTOR,),
         prompt_template="plain",
@@ -64,18 +89,22 @@ STAGE_PRESETS: dict[str, StagePreset] = {
         official_args={**_COMMON_ARGS, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
                        "gradient_accumulation_steps": 1, "max_length": 8192},
     ),
-    # Stage 2, visual instruction tuning: batch 1 per device, accumulation 4, 64 GPUs (global 256); the OneVision
-    # part's maximum length 16384
+    # Stage 2, visual instruction tuning (llada_v_si_10M.sh, then llada_v_ov_2M.sh): the OneVision part's maximum
+    # length (the module docstring says why)
     "instruct": StagePreset(
         trainable=(VISION_TOWER, PROJECTOR, LANGUAGE_MODEL),
         prompt_template="chat",
         vision_tower_lr_ratio=0.2,
-        official_args={**_COMMON_ARGS, "learning_rate": 1e-5, "vision_tower_learning_rate": 2e-6,
-                       "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4, "max_length": 16384},
+        official_args={**_FULL_TUNING_ARGS, "max_length": 16384},
+    ),
+    # Stage 3, multimodal reasoning (llada_v_vw.sh): stage 2's settings on chains of thought, maximum length 8192
+    "reasoning": StagePreset(
+        trainable=(VISION_TOWER, PROJECTOR, LANGUAGE_MODEL),
+        prompt_template="chat",
+        vision_tower_lr_ratio=0.2,
+        official_args={**_FULL_TUNING_ARGS, "max_length": 8192},
     ),
 }
-# Stage 3, multimodal reasoning: the settings of stage 2 (on chains of thought and answers)
-STAGE_PRESETS["reasoning"] = STAGE_PRESETS["instruct"]
 
 
 def check_stage(stage: str | None) -> None:

@@ -5,9 +5,11 @@ one prompt-completion example per assistant turn) or `"prompt"` / `"completion"`
 with `<image>` placeholders). Images are loaded and converted here, then the processor renders and tokenizes the
 prompt (one `<image>` becomes the image's feature placeholders); the answer is tokenized alone and the rows are
 padded by the text collator, `DataCollatorForMaskedDiffusion`, so the answers are padded with scored EOS tokens
-exactly as for text. Only answer tokens are maskable: never the prompt, never an image placeholder.
+exactly as for text. Only answer tokens are maskable: never the prompt, never an image placeholder. The batch says
+how its images were packed (`vision_aspect_ratio`), and the model packs them so.
 """
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +21,15 @@ from trl.data_utils import apply_chat_template, is_conversational, prepare_multi
 from transformers import ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
 
+from ..geometry_llada_v import max_num_patches
 from .collator import DataCollatorForMaskedDiffusion
 
 
-# The processor's outputs that describe the images (passed to the model beside `input_ids`)
-IMAGE_INPUT_KEYS = ("pixel_values", "image_sizes", "batch_num_images")
+# The processor's outputs that describe the images, and how they are packed (passed to the model beside `input_ids`)
+IMAGE_INPUT_KEYS = ("pixel_values", "image_sizes", "batch_num_images", "vision_aspect_ratio")
+# The packing of images under the `"plain"` template: the official stage 1 keeps its script's defaults
+# (`image_aspect_ratio = "square"`, `mm_patch_merge_type = "flat"`): each image one crop (squashed), no newline
+PLAIN_TEMPLATE_PACKING = "square"
 
 
 def is_vision_example(example: dict[str, Any]) -> bool:
@@ -91,7 +97,8 @@ def render_example(example: dict[str, Any], images: list, processor: ProcessorMi
 
     `"chat"`: conversational rows go through the processor's chat template (TRL puts the images of string contents
     before the first user message); string rows are used as they are. `"plain"` (stage 1, official `llada_plain`):
-    the prompt is the images alone, the answer is the completion's text and a newline; the user's text is dropped.
+    the prompt is the images alone, the answer is the completion's text and a newline (no EOS: the official
+    `preprocess_plain` appends none; EOS comes only as padding); the user's text is dropped.
     """
     if template == "plain":
         return processor.image_token * len(images), message_text(example["completion"]) + "\n"
@@ -111,15 +118,18 @@ class DataCollatorForVisionMaskedDiffusion(DataCollatorMixin):
 
     Per row: load the images, render the prompt (`prompt_template`), check that it holds one `<image>` per image,
     tokenize it with the processor (which expands each `<image>` into the image's feature placeholders), tokenize
-    the answer (plain-string answers get EOS appended, as TRL does for text), truncate the answer to `max_length`.
-    Then the text collator pads the rows (answers with scored EOS when `pad_answers_with_eos`) and marks the answer
-    as the only maskable part; the processor's `pixel_values`, `image_sizes` and `batch_num_images` join the batch.
+    the answer (plain-string answers of the chat template get EOS appended, as TRL does for text), truncate the
+    answer to `max_length`. Then the text collator pads the rows (answers with scored EOS when
+    `pad_answers_with_eos`) and marks the answer as the only maskable part; the processor's `pixel_values`,
+    `image_sizes` and `batch_num_images` join the batch, with the `vision_aspect_ratio` they were packed with.
 
     Args:
         processor: a `LladaVProcessor`.
         pad_answers_with_eos, pad_to_multiple_of: as for `DataCollatorForMaskedDiffusion`.
         prompt_template: `"chat"` (the processor's chat template) or `"plain"` (the official stage-1 captions).
         max_length: longest row in tokens, image placeholders included; longer answers are cut.
+        vision_aspect_ratio: how images are packed. `None`: `"square"` with the `"plain"` template (the official
+            stage 1: each image one crop, squashed, no anyres grid, no `image_newline`), else the processor's.
 
     Example:
         ```python
@@ -132,8 +142,10 @@ class DataCollatorForVisionMaskedDiffusion(DataCollatorMixin):
         >>> collator = DataCollatorForVisionMaskedDiffusion(processor, prompt_template="plain")
         >>> batch = collator([{"image": Image.new("RGB", (28, 28), "red"), "prompt": "",
         ...                    "completion": "a red square"}])
-        >>> batch["pixel_values"].shape, int((batch["labels"] != -100).sum()) > 0
-        (torch.Size([1, 2, 3, 28, 28]), True)
+        >>> batch["pixel_values"].shape, batch["vision_aspect_ratio"]  # the plain template: one squashed crop
+        (torch.Size([1, 1, 3, 28, 28]), 'square')
+        >>> processor.tokenizer.decode(batch["input_ids"][0, 4:])  # 4 image features, then the caption: no EOS
+        'a red square\\n'
         >>> bool((batch["labels"][batch["input_ids"] == processor.image_token_id] == -100).all())  # never masked
         True
         ```
@@ -145,11 +157,16 @@ class DataCollatorForVisionMaskedDiffusion(DataCollatorMixin):
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
+    vision_aspect_ratio: str | None = None
     _text_collator: DataCollatorForMaskedDiffusion = field(init=False, repr=False)
+    _packing_processor: ProcessorMixin = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.prompt_template not in ("chat", "plain"):
             raise ValueError(f"`prompt_template` must be 'chat' or 'plain', got {self.prompt_template!r}.")
+        if self.vision_aspect_ratio is None and self.prompt_template == "plain":
+            self.vision_aspect_ratio = PLAIN_TEMPLATE_PACKING
+        self._packing_processor = with_packing(self.processor, self.vision_aspect_ratio)
         tokenizer = self.processor.tokenizer
         self._text_collator = DataCollatorForMaskedDiffusion(
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
@@ -161,7 +178,7 @@ class DataCollatorForVisionMaskedDiffusion(DataCollatorMixin):
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [example_images(example) for example in examples]
         texts = [self._render(example, row_images) for example, row_images in zip(examples, images)]
-        prompts = self.processor(
+        prompts = self._packing_processor(
             images=images if any(images) else None,
             text=[prompt for prompt, _ in texts],
             padding=True,
@@ -174,7 +191,9 @@ class DataCollatorForVisionMaskedDiffusion(DataCollatorMixin):
             prompt_ids = prompts["input_ids"][row][prompts["attention_mask"][row].bool()].tolist()
             rows.append(self._row(prompt_ids, self._answer_ids(answer, examples[row])))
         batch = self._text_collator(rows)
-        batch.update({key: prompts[key] for key in IMAGE_INPUT_KEYS if key in prompts})
+        if "pixel_values" in prompts:
+            batch.update({key: prompts[key] for key in IMAGE_INPUT_KEYS if key in prompts})
+            batch["vision_aspect_ratio"] = self._packing_processor.vision_aspect_ratio
         return batch
 
     def _render(self, example: dict[str, Any], images: list) -> tuple[str, str]:
@@ -196,7 +215,7 @@ class DataCollatorForVisionMaskedDiffusion(DataCollatorMixin):
 
     def _answer_ids(self, answer: str, example: dict[str, Any]) -> list[int]:
         tokenizer = self.processor.tokenizer
-        if not is_conversational(example) or self.prompt_template == "plain":  # as TRL's `add_eos`
+        if self.prompt_template == "chat" and not is_conversational(example):  # as TRL's `add_eos`
             answer = answer if answer.endswith(tokenizer.eos_token) else answer + tokenizer.eos_token
         return tokenizer(answer, add_special_tokens=False)["input_ids"]
 
@@ -211,6 +230,17 @@ class DataCollatorForVisionMaskedDiffusion(DataCollatorMixin):
                 )
             answer_ids = answer_ids[:room]
         return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
+
+
+def with_packing(processor: ProcessorMixin, vision_aspect_ratio: str | None) -> ProcessorMixin:
+    """`processor`, or a shallow copy of it (same tokenizer and image processor) that packs images with
+    `vision_aspect_ratio`; the processor passed in is left as it is."""
+    if vision_aspect_ratio is None or vision_aspect_ratio == processor.vision_aspect_ratio:
+        return processor
+    max_num_patches(vision_aspect_ratio)  # validates the value now, not at the first batch
+    packing = copy.copy(processor)
+    packing.vision_aspect_ratio = vision_aspect_ratio
+    return packing
 
 
 def repeat_image_inputs(inputs: dict[str, Any], copies: int) -> dict[str, Any]:
@@ -228,7 +258,7 @@ def repeat_image_inputs(inputs: dict[str, Any], copies: int) -> dict[str, Any]:
         ```
     """
     image_inputs = {key: inputs[key] for key in IMAGE_INPUT_KEYS if inputs.get(key) is not None}
-    if copies == 1 or not image_inputs:
+    if copies == 1 or "pixel_values" not in image_inputs:
         return image_inputs
     per_row = torch.as_tensor(image_inputs["batch_num_images"]).tolist()
     starts = [sum(per_row[:row]) for row in range(len(per_row))]
@@ -236,7 +266,7 @@ def repeat_image_inputs(inputs: dict[str, Any], copies: int) -> dict[str, Any]:
     index = torch.tensor(index, dtype=torch.long)
     repeated = {key: image_inputs[key][index.to(image_inputs[key].device)] for key in ("pixel_values", "image_sizes")}
     repeated["batch_num_images"] = torch.as_tensor(per_row).repeat_interleave(copies)
-    return repeated
+    return {**image_inputs, **repeated}
 
 
 def keep_frozen_tower_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
