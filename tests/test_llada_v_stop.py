@@ -103,3 +103,19 @@ def test_rows_of_a_batch_stop_on_their_own(stopping):
         alone = _chat_inputs(processor, [image], question)
         assert torch.equal(answers[row], model.generate(**alone, **settings)[0, alone["input_ids"].shape[1]:])
     assert bool((answers == EOT_ID).any())
+
+
+def test_models_with_llada_s_vocabulary_stop_at_the_end_of_turn_by_default(stopping):
+    """As the official demo and evaluation (`stopping_criteria=['<|eot_id|>']`); a model with its own vocabulary has
+    no default stop."""
+    from llada_hf import LladaConfig, LladaVConfig, LladaVForConditionalGeneration
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_use_head=False)
+    text = LladaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)  # LLaDA's ids
+    model = LladaVForConditionalGeneration(LladaVConfig(text_config=text, vision_config=vision, image_token_id=126400,
+                                                        image_grid_pinpoints=[[28, 28]]))
+    assert model.generation_config.stop_token_ids == [126348]
+    assert model.generation_config.suppress_tokens == [126081, 126080, 126346, 126347]
+    _, own_vocabulary, _ = stopping
+    assert own_vocabulary.generation_config.stop_token_ids is None

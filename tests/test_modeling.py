@@ -149,6 +149,32 @@ def test_saved_checkpoint_runs_as_remote_code_without_llada_hf(tmp_path):
     assert torch.equal(torch.load(tmp_path / "tokens.pt"), expected_tokens)
 
 
+def test_a_saved_tokenizer_loads_without_llada_hf_and_without_the_remote_code_question(tmp_path):
+    """transformers 5's AutoTokenizer reads config.json first; with its auto_map and no llada_hf it would ask whether
+    to run custom code. `trust_remote_code=False` loads the tokenizer from its own files (docs/generation.md)."""
+    from llada_hf.tokenization import model_token_ids, train_tokenizer
+
+    tokenizer = train_tokenizer(["a saved folder needs no code for its tokenizer"], vocab_size=300)
+    LladaForMaskedDiffusion(LladaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, **model_token_ids(tokenizer))).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["llada_hf"] = None  # any `import llada_hf` now fails
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(tmp_path)!r}, trust_remote_code=False)
+        print(tokenizer("a saved folder").input_ids)
+        """
+    )
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tokenizer("a saved folder").input_ids)
+    assert "custom code" not in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(
     "key,value",
     [

@@ -28,7 +28,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_llada import LladaConfig, check_token_ids
 from .configuration_llada_v import LladaVConfig
-from .generation_llada import DiffusionGenerationMixin
+from .generation_llada import LLADA_EOT_TOKEN_ID, DiffusionGenerationMixin
 from .geometry_llada_v import CROP, CROP_ROW, ImageGeometry
 from .modeling_llada import (
     BUNDLE_FILES,
@@ -290,13 +290,13 @@ class LladaVForConditionalGeneration(DiffusionGenerationMixin, LladaVPreTrainedM
         self.model = LladaVModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-        fill_suppress_tokens(self.generation_config, config.text_config)
+        fill_official_sampler_settings(self.generation_config, config.text_config)
 
     def adjust_generation_fn(self, *args, **kwargs):
         """As the text model (generation_config.json, else defaults with the text config's token ids), then the
-        official suppressions when `suppress_tokens` is unset."""
+        official sampler's suppressions and stop where they are unset (`fill_official_sampler_settings`)."""
         super().adjust_generation_fn(*args, **kwargs)
-        fill_suppress_tokens(self.generation_config, self.config.text_config)
+        fill_official_sampler_settings(self.generation_config, self.config.text_config)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -416,16 +416,19 @@ class LladaVForConditionalGeneration(DiffusionGenerationMixin, LladaVPreTrainedM
             copy_bundle_files(save_directory, BUNDLE_FILES + VISION_BUNDLE_FILES)
 
 
-def fill_suppress_tokens(generation_config, text: LladaConfig) -> None:
-    """Unset `suppress_tokens` become the official sampler's suppressions (`OFFICIAL_SUPPRESS_TOKENS` with LLaDA's
-    tokenizer, else the model's eos and bos). The token ids come from the text config already
-    (`DiffusionGenerationConfig.from_model_config`)."""
+def fill_official_sampler_settings(generation_config, text: LladaConfig) -> None:
+    """Unset settings become the official LLaDA-V sampler's: `suppress_tokens` its suppressions
+    (`OFFICIAL_SUPPRESS_TOKENS` with LLaDA's tokenizer, else the model's eos and bos) and, with LLaDA's tokenizer,
+    `stop_token_ids` its stop at `<|eot_id|>` (the official demo and evaluation pass it as `stopping_criteria`). The
+    token ids come from the text config already (`DiffusionGenerationConfig.from_model_config`)."""
     if generation_config is None:
         return
+    official = text.vocab_size >= LLADA_TOKENIZER_SIZE
     if generation_config.suppress_tokens is None:
-        official = text.vocab_size >= LLADA_TOKENIZER_SIZE
         own = [t for t in (text.eos_token_id, text.bos_token_id) if isinstance(t, int) and 0 <= t < text.vocab_size]
         generation_config.suppress_tokens = list(OFFICIAL_SUPPRESS_TOKENS) if official else own
+    if official and getattr(generation_config, "stop_token_ids", None) is None:
+        generation_config.stop_token_ids = [LLADA_EOT_TOKEN_ID]
 
 
 def _with_prompt(input_ids: torch.LongTensor, output):
