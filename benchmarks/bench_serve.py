@@ -1,22 +1,37 @@
-"""`llada-hf serve`: 8 concurrent clients against 8 sequential requests (issue 16).
+"""`llada-hf serve` under load: requests arriving at random times (issue 30), or a burst of clients (issue 16).
 
 A small randomly initialised LLaDA (hidden 256, 4 layers by default; the vocabulary of a small trained
 tokenizer) is saved to a temporary folder and served by `llada-hf serve` in a subprocess on a loopback port.
-Every request is a /v1/completions call with the same settings (temperature 0, `logits_eos_inf` so that every
-answer has exactly `max_tokens` tokens). Sequential: one request after the other, each sent when the previous
-answer arrived. Concurrent: `--clients` threads send one request each at the same moment. Throughput = answer
-tokens / wall seconds; the ratio concurrent / sequential is what step-level batching buys. Phases alternate,
-`--repeats` times; medians are reported, with the forward passes the server ran (from /metrics).
+Every request is a /v1/completions call at temperature 0 with `logits_eos_inf` (so that every answer has exactly
+`max_tokens` tokens).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_serve.py                                   # RESULTS.md
+`--arrivals` (continuous batching): `--requests` requests, each with the settings of `--mix` ("mixed": block lengths,
+caches and a confidence threshold in turn; "same": one setting), are first served one at a time (each sent when the
+previous answer arrived), then sent at Poisson arrival times at each `--loads` multiple of that one-at-a-time rate.
+For each run: answer tokens per second (first arrival to last answer), time to first token (the first streamed
+text), p50/p99 latency (arrival to answer), the mean number of requests in flight (total latency / span) and the
+forward passes the server ran (from /metrics). Ratios are against the one-at-a-time run.
+
+Default (burst): sequential (one request after the other) against concurrent (`--clients` threads send one request
+each at the same moment), phases alternating `--repeats` times, medians reported, with the ratio the engine alone
+reaches on the same rows without HTTP.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --arrivals --hidden 64 --layers 2       # issue 30
+    OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --arrivals --hidden 256 --layers 4
+    OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --hidden 64 --layers 2                  # issue 16 (burst)
     OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --kv-cache dual --block-length 8
+    python benchmarks/bench_serve.py --arrivals --device cuda --dtype bfloat16 --hidden 2048 --layers 16 \
+        --max-tokens 128 --loads 2 4 8 16 --max-batch 64
     python benchmarks/bench_serve.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --max-tokens 128
 """
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
+import math
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -103,6 +118,114 @@ def concurrent_clients(args, base):
     return tokens, time.perf_counter() - started
 
 
+MIXED = [  # --mix mixed: the settings requests take in turn (steps = max_tokens)
+    {"block_length": 8, "kv_cache": "dual"},
+    {},  # one block, no cache
+    {"block_length": 8, "kv_cache": "prefix"},
+    {"block_length": 8, "kv_cache": "dual", "confidence_threshold": 0.9},
+    {"block_length": 16},
+]
+
+
+def arrival_body(args, index):
+    settings = body(args, index)
+    if args.mix == "mixed":
+        settings.update(MIXED[index % len(MIXED)])
+    return settings
+
+
+def streamed(url, request_body) -> tuple[float, float, int]:
+    """Send one streaming request: (seconds to its first text, seconds to its end, answer tokens)."""
+    started = time.perf_counter()
+    data = json.dumps({**request_body, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    first, tokens = None, 0
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+            if first is None and any(choice.get("text") for choice in chunk.get("choices", [])):
+                first = time.perf_counter() - started
+    return first, time.perf_counter() - started, tokens
+
+
+def one_at_a_time(args, base) -> dict:
+    """Every request after the previous answer: the latency of a request alone, and the rate the server keeps."""
+    started, results = time.perf_counter(), []
+    for index in range(args.requests):
+        results.append((0.0, *streamed(base + "/v1/completions", arrival_body(args, index))))
+    return summary(results, time.perf_counter() - started)
+
+
+def poisson_arrivals(args, base, rate: float, seed: int) -> dict:
+    """The requests sent at Poisson arrival times (`rate` per second), each by a thread of its own."""
+    draw = random.Random(seed)
+    arrivals, moment = [], 0.0
+    for _ in range(args.requests):
+        arrivals.append(moment)
+        moment += draw.expovariate(rate)
+    started = time.perf_counter()
+
+    def one(index):
+        time.sleep(max(0.0, started + arrivals[index] - time.perf_counter()))
+        sent = time.perf_counter() - started
+        return (sent, *streamed(base + "/v1/completions", arrival_body(args, index)))
+
+    with concurrent.futures.ThreadPoolExecutor(args.requests) as pool:
+        results = list(pool.map(one, range(args.requests)))
+    return summary(results, max(sent + latency for sent, _, latency, _ in results))
+
+
+def summary(results: list[tuple[float, float, float, int]], span: float) -> dict:
+    """(sent, time to first text, latency, tokens) per request -> the run's figures."""
+    latencies = sorted(latency for _, _, latency, _ in results)
+    first_texts = sorted(first for _, first, _, _ in results if first is not None)
+    return {"tok_s": sum(tokens for *_, tokens in results) / span, "ttft_p50": percentile(first_texts, 50),
+            "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "in_flight": sum(latencies) / span, "span": span}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile of sorted values."""
+    return values[max(0, math.ceil(q / 100 * len(values)) - 1)]
+
+
+def run_arrivals(args, base) -> list[dict]:
+    """One at a time, then each load; forward passes from /metrics around each run."""
+    rows = []
+    before = forward_passes(base)
+    alone = one_at_a_time(args, base)
+    rows.append({"load": "one at a time", "rate": args.requests / alone["span"], **alone,
+                 "forwards": forward_passes(base) - before})
+    for load in args.loads:
+        rate = load * args.requests / alone["span"]
+        before = forward_passes(base)
+        run = poisson_arrivals(args, base, rate, seed=int(load * 1000))
+        rows.append({"load": f"{load:g}x", "rate": rate, **run, "forwards": forward_passes(base) - before})
+    for row in rows:
+        row["throughput_ratio"] = row["tok_s"] / alone["tok_s"]
+        row["p99_over_alone_p50"] = row["p99"] / alone["p50"]
+        row["p99_over_alone_p99"] = row["p99"] / alone["p99"]
+    return rows
+
+
+def print_arrivals(args, rows) -> None:
+    print(f"model hidden {args.hidden}, {args.layers} layers; mix {args.mix}; {args.requests} requests of "
+          f"{args.max_tokens} tokens; server threads {args.server_threads or os.environ.get('OMP_NUM_THREADS')}; "
+          f"load average {' '.join(f'{value:.1f}' for value in os.getloadavg())}")
+    print("| arrivals | rate (req/s) | in flight | tok/s | vs one at a time | TTFT p50 (ms) | latency p50 (ms) | "
+          "p99 (ms) | p99 / alone p50, p99 | forward passes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['load']} | {row['rate']:.1f} | {row['in_flight']:.1f} | {row['tok_s']:.0f} | "
+              f"{row['throughput_ratio']:.2f}x | {row['ttft_p50'] * 1000:.0f} | {row['p50'] * 1000:.0f} | "
+              f"{row['p99'] * 1000:.0f} | {row['p99_over_alone_p50']:.2f}, {row['p99_over_alone_p99']:.2f} | "
+              f"{row['forwards']:.0f} |")
+
+
 def engine_ceiling(args) -> float:
     """The same work without HTTP, in this process: the step engine on one left-padded batch of `clients` rows
     against `clients` single rows one after the other (median of `repeats`): what batching can buy on this machine
@@ -144,6 +267,81 @@ def engine_ceiling(args) -> float:
     return round(statistics.median(ratios), 2)
 
 
+@contextlib.contextmanager
+def serving(args):
+    """The model of `args`, served by `llada-hf serve` in a subprocess; yields its base URL."""
+    with tempfile.TemporaryDirectory() as folder:
+        build_model(args, folder)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        rows = max(args.clients, args.max_batch or 1)
+        command = [sys.executable, "-c", "import sys; from llada_hf.cli import main; sys.exit(main())", "serve",
+                   folder, "--port", str(port), "--served-model-name", "bench", "--device", args.device,
+                   "--dtype", args.dtype, "--max-batch", str(rows), "--max-queue", str(max(256, args.requests)),
+                   "--log-level", "warning", "--max-tokens-limit", str(args.max_tokens)]
+        if args.batch_wait_ms is not None:
+            command += ["--batch-wait-ms", str(args.batch_wait_ms)]
+        env = dict(os.environ)
+        if args.server_threads is not None:
+            env["OMP_NUM_THREADS"] = str(args.server_threads)
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            wait_until_up(server, base)
+            for index in range(3):  # warm-up
+                post(base + "/v1/completions", arrival_body(args, index))
+            yield base
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+
+
+def wait_until_up(server, base) -> None:
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the server did not start: " + server.stderr.read()[-2000:])
+            time.sleep(0.2)
+
+
+def run_burst(args, base) -> dict:
+    """Sequential and concurrent phases, alternating `repeats` times; medians and the paired ratios."""
+    rows = {"sequential": [], "concurrent": []}
+    for _ in range(args.repeats):
+        for name, run in (("sequential", sequential), ("concurrent", concurrent_clients)):
+            before = forward_passes(base)
+            tokens, seconds = run(args, base)
+            rows[name].append((tokens / seconds, seconds, forward_passes(base) - before))
+
+    def median(name, column):
+        return statistics.median(row[column] for row in rows[name])
+
+    ratios = [conc[0] / seq[0] for seq, conc in zip(rows["sequential"], rows["concurrent"])]  # paired: same load
+    return {
+        "model": f"hidden {args.hidden}, {args.layers} layers", "max_tokens": args.max_tokens,
+        "steps": args.steps or args.max_tokens, "block_length": args.block_length, "kv_cache": args.kv_cache,
+        "clients": args.clients, "device": args.device, "dtype": args.dtype,
+        "server_threads": args.server_threads or os.environ.get("OMP_NUM_THREADS"),
+        "sequential_tok_s": round(median("sequential", 0), 1), "concurrent_tok_s": round(median("concurrent", 0), 1),
+        "sequential_forwards": median("sequential", 2), "concurrent_forwards": median("concurrent", 2),
+        "ratio": round(statistics.median(ratios), 2), "ratios": [round(r, 2) for r in ratios],
+    }
+
+
+def print_burst(args, result) -> None:
+    print("| model | block | kv_cache | server threads | sequential tok/s | concurrent tok/s | ratio (each repeat) | "
+          "forwards seq / conc | engine alone |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    engine = f"{result['engine_ratio']}x" if result["engine_ratio"] else "-"
+    print(f"| {result['model']} | {args.block_length or '-'} | {args.kv_cache or '-'} | {result['server_threads']} | "
+          f"{result['sequential_tok_s']} | {result['concurrent_tok_s']} | **{result['ratio']}x** "
+          f"({', '.join(str(r) for r in result['ratios'])}) | {result['sequential_forwards']:.0f} / "
+          f"{result['concurrent_forwards']:.0f} | {engine} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=256)
@@ -153,6 +351,13 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="default: max_tokens")
     parser.add_argument("--block-length", type=int, default=None)
     parser.add_argument("--kv-cache", choices=["prefix", "dual"], default=None)
+    parser.add_argument("--arrivals", action="store_true", help="Poisson arrivals instead of a burst")
+    parser.add_argument("--mix", choices=["mixed", "same"], default="mixed", help="--arrivals: the requests' settings")
+    parser.add_argument("--requests", type=int, default=48, help="--arrivals: requests per run")
+    parser.add_argument("--loads", type=float, nargs="+", default=[2, 4, 6, 8],
+                        help="--arrivals: arrival rates, as multiples of the one-at-a-time rate")
+    parser.add_argument("--max-batch", type=int, default=None, help="the server's flag (default: --clients, 32 "
+                                                                     "with --arrivals)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="the server's flag (default: its own)")
@@ -160,69 +365,24 @@ def main():
                         help="OMP_NUM_THREADS of the server process (default: this process's environment)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table row")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args()
+    if args.arrivals and args.max_batch is None:
+        args.max_batch = 32
+    if not args.arrivals:
+        args.mix = "same"  # the burst compares one setting
 
-    with tempfile.TemporaryDirectory() as folder:
-        build_model(args, folder)
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-c", "import sys; from llada_hf.cli import main; sys.exit(main())", "serve",
-                   folder, "--port", str(port), "--served-model-name", "bench", "--device", args.device,
-                   "--dtype", args.dtype, "--max-batch", str(max(args.clients, 1)), "--log-level", "warning",
-                   "--max-tokens-limit", str(args.max_tokens)]
-        if args.batch_wait_ms is not None:
-            command += ["--batch-wait-ms", str(args.batch_wait_ms)]
-        env = dict(os.environ)
-        if args.server_threads is not None:
-            env["OMP_NUM_THREADS"] = str(args.server_threads)
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    urllib.request.urlopen(base + "/health", timeout=2)
-                    break
-                except OSError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit("the server did not start: " + server.stderr.read()[-2000:])
-                    time.sleep(0.2)
-            post(base + "/v1/completions", body(args, 0))  # warm-up
-            rows = {"sequential": [], "concurrent": []}
-            for _ in range(args.repeats):
-                for name, run in (("sequential", sequential), ("concurrent", concurrent_clients)):
-                    before = forward_passes(base)
-                    tokens, seconds = run(args, base)
-                    rows[name].append((tokens / seconds, seconds, forward_passes(base) - before))
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(60)
-
-    def median(name, column):
-        return statistics.median(row[column] for row in rows[name])
-
-    ratios = [conc[0] / seq[0] for seq, conc in zip(rows["sequential"], rows["concurrent"])]  # paired: same load
-    result = {
-        "model": f"hidden {args.hidden}, {args.layers} layers", "max_tokens": args.max_tokens,
-        "steps": args.steps or args.max_tokens, "block_length": args.block_length, "kv_cache": args.kv_cache,
-        "clients": args.clients, "device": args.device, "dtype": args.dtype,
-        "server_threads": args.server_threads or os.environ.get("OMP_NUM_THREADS"),
-        "sequential_tok_s": round(median("sequential", 0), 1), "concurrent_tok_s": round(median("concurrent", 0), 1),
-        "sequential_forwards": median("sequential", 2), "concurrent_forwards": median("concurrent", 2),
-        "ratio": round(statistics.median(ratios), 2), "ratios": [round(r, 2) for r in ratios],
-        "engine_ratio": engine_ceiling(args) if args.device == "cpu" else None,
-    }
+    with serving(args) as base:
+        result = run_arrivals(args, base) if args.arrivals else run_burst(args, base)
+    if not args.arrivals:
+        result["engine_ratio"] = engine_ceiling(args) if args.device == "cpu" else None
     if args.json:
         print(json.dumps(result))
-        return
-    print("| model | block | kv_cache | server threads | sequential tok/s | concurrent tok/s | ratio (each repeat) | "
-          "forwards seq / conc | engine alone |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    engine = f"{result['engine_ratio']}x" if result["engine_ratio"] else "-"
-    print(f"| {result['model']} | {args.block_length or '-'} | {args.kv_cache or '-'} | {result['server_threads']} | "
-          f"{result['sequential_tok_s']} | {result['concurrent_tok_s']} | **{result['ratio']}x** "
-          f"({', '.join(str(r) for r in result['ratios'])}) | {result['sequential_forwards']:.0f} / "
-          f"{result['concurrent_forwards']:.0f} | {engine} |")
+    elif args.arrivals:
+        print_arrivals(args, result)
+    else:
+        print_burst(args, result)
+
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

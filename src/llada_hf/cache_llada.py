@@ -4,8 +4,10 @@ Part of the model bundle: imports only torch, transformers and sibling bundle mo
 copied next to every saved checkpoint and must run where `llada_hf` is not installed.
 
 The model fills it (`model(..., use_cache=True)`, or a cache passed in); the step engine (decoding_llada.py)
-creates one per `generate(kv_cache=...)` call and asks it which positions each forward runs (`query_range`).
-It sits beside the model rather than in the sampler, so the model needs nothing from the sampler.
+creates one per decoding state and asks it which positions each row's forward runs (`query_range`). It holds
+the keys/values of some rows of its state (`rows`), so that each row refreshes its own keys when it needs to and
+rows of several states can share a forward pass (`gather`, `store`, `write_columns`). It sits beside the model
+rather than in the sampler, so the model needs nothing from the sampler.
 """
 
 import torch
@@ -16,38 +18,51 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 # Attention backends whose handling of a query range shorter than the keys we have tested with the cache.
 CACHE_ATTENTION_BACKENDS = ("eager", "sdpa")
 
+LayerStates = list[tuple[torch.Tensor, torch.Tensor]]  # (keys, values) per layer, each [rows, kv_heads, L, head_dim]
+
 
 class DiffusionCacheLayer(CacheLayerMixin):
     """One layer's keys/values over the *whole* sequence; a partial forward replaces its own positions.
 
-    Queries cover positions [query_start, query_start + q); the layer writes their keys/values at those
-    positions and returns the full-length keys/values, so attention still sees every position.
+    Queries cover positions [start, start + q) of each row, where `query_start` is one start for every row (an int;
+    0 = a full pass, which keeps everything it computes) or a [rows] tensor of starts, one per row. The layer writes
+    the queries' keys/values at those positions and returns the full-length keys/values, so attention still sees
+    every position.
     """
 
     is_sliding = False
 
     def __init__(self):
         super().__init__()
-        self.query_start = 0
+        self.query_start: int | torch.Tensor = 0
 
     def lazy_initialization(self, key_states, value_states):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.query_start == 0:  # a full pass: keep everything
+        start = self.query_start
+        if isinstance(start, int) and start == 0:  # a full pass: keep everything
             self.lazy_initialization(key_states, value_states)
             self.keys, self.values = key_states, value_states
             return key_states, value_states
-        end = self.query_start + key_states.shape[-2]
-        self.keys[:, :, self.query_start : end] = key_states  # [B, kv_heads, L, head_dim]
-        self.values[:, :, self.query_start : end] = value_states
+        if isinstance(start, int):
+            end = start + key_states.shape[-2]
+            self.keys[:, :, start:end] = key_states  # [B, kv_heads, L, head_dim]
+            self.values[:, :, start:end] = value_states
+            return self.keys, self.values
+        positions = start[:, None] + torch.arange(key_states.shape[-2], device=start.device)  # [B, q], per row
+        index = positions[:, None, :, None].expand_as(key_states)
+        self.keys.scatter_(2, index, key_states)
+        self.values.scatter_(2, index, value_states)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self.query_start  # positions before the queries: the default position ids start there
+        # Positions before the queries: the default position ids start there. With per-row starts there is no one
+        # answer, and the caller passes `position_ids`.
+        return self.query_start if isinstance(self.query_start, int) else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.query_start == 0 or self.keys is None:
+        if isinstance(self.query_start, int) and self.query_start == 0 or self.keys is None:
             return query_length, 0
         return self.keys.shape[-2], 0
 
@@ -62,10 +77,11 @@ class DiffusionCache(Cache):
     """The key/value cache of diffusion decoding (Fast-dLLM's prefix and dual caches) on transformers' Cache API.
 
     `generate(kv_cache="prefix" | "dual")` creates one, and `model(..., use_cache=True)` returns one filled by a
-    full pass. At the first step of every block the model runs the whole sequence and the cache keeps every
-    position's keys/values; later steps of the block run only the block and the positions after it (prefix)
-    or only the block (dual), replacing those positions' keys/values (`query_range` decides). It also
-    remembers which batch rows it holds, so finished rows can leave the batch.
+    full pass. At the first step of a row's block the model runs the row's whole sequence and the cache keeps every
+    position's keys/values; later steps of the block run only the block and the positions after it (prefix) or
+    only the block (dual), replacing those positions' keys/values (`query_range` decides, row by row). It remembers
+    which rows of its decoding state it holds (`rows`, ascending): rows that refresh are stored again, rows that
+    leave are dropped.
 
     Example:
         ```python
@@ -82,46 +98,106 @@ class DiffusionCache(Cache):
     def __init__(self, mode: str = "prefix"):
         super().__init__(layer_class_to_replicate=DiffusionCacheLayer)
         self.mode = mode
-        self.rows: torch.Tensor | None = None  # batch rows (of x, CFG copies offset by the batch size) held
+        self.rows: torch.Tensor | None = None  # the rows (of the decoding state's forward batch) held, ascending
 
-    def query_range(self, rows: torch.Tensor, window_start: int, block_start: int, block_end: int, refresh: bool,
-                    length: int) -> tuple[int, int]:
-        """Positions [start, end) the next forward runs for `rows`, with the layers prepared for it.
-
-        A refresh (the first step of a block), a window that starts before the block (masks left in the
-        prompt: the cached prefix is still changing) or rows the cache does not hold run the whole sequence
-        and refill the cache. Otherwise the block and everything after it run ("prefix"), or the block
-        alone ("dual"), against the cached keys/values.
-        """
-        if refresh or window_start < block_start or not self.holds(rows):
-            self.start_refill(rows)
-            start, end = 0, length
-        else:
-            self.keep_rows(rows)
-            start, end = block_start, (block_end if self.mode == "dual" else length)
-        self.set_query_start(start)
-        return start, end
+    def query_range(self, rows: torch.Tensor, refresh: torch.Tensor, block_start: torch.Tensor,
+                    block_end: torch.Tensor, key_end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row ([R] tensors): the positions [start, end) its next forward runs, and whether it reads its cached
+        keys. A refresh (the first step of the row's block, or a mask left before the block: the cached prefix is
+        still changing) or a row the cache does not hold runs the whole sequence [0, key_end) and is stored again.
+        Otherwise the block and everything after it run ("prefix"), or the block alone ("dual"), against the
+        cached keys/values."""
+        cached = ~refresh & self.holds(rows)
+        start = torch.where(cached, block_start, 0)
+        end = key_end if self.mode == "prefix" else torch.where(cached, block_end, key_end)
+        return start, end, cached
 
     def start_refill(self, rows: torch.Tensor) -> None:
+        """The next forward is a full pass over `rows`: it replaces everything held."""
         self.rows = rows
 
-    def holds(self, rows: torch.Tensor) -> bool:
-        """Whether every requested row has cached keys/values."""
-        return self.rows is not None and bool(torch.isin(rows, self.rows).all())
+    def holds(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per row: whether the cache has its keys/values."""
+        if self.rows is None:
+            return torch.zeros_like(rows, dtype=torch.bool)
+        return torch.isin(rows, self.rows)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop the rows that are no longer decoded (early exit, removed requests)."""
-        if self.rows.numel() == rows.numel():
+        """Keep only `rows` (held ones, ascending): the others left, or are about to be stored again."""
+        if self.rows is None or self.rows.numel() == rows.numel():
             return
-        position = {int(row): index for index, row in enumerate(self.rows.tolist())}
-        indices = torch.tensor([position[int(row)] for row in rows], device=rows.device)
-        self.batch_select_indices(indices)
+        self.batch_select_indices(self.slots(rows))
         self.rows = rows
 
-    def set_query_start(self, query_start: int) -> None:
-        """Where the next forward's queries begin (0 = a full pass that refills the cache)."""
+    def slots(self, rows: torch.Tensor) -> torch.Tensor:
+        """Where held `rows` sit in the layers' batch dimension."""
+        return torch.searchsorted(self.rows, rows)
+
+    def set_query_start(self, query_start: "int | torch.Tensor") -> None:
+        """Where the next forward's queries begin: an int for every row (0 = a full pass that refills the cache) or a
+        tensor, one start per held row."""
         for layer in self.layers:  # layers created later, during a full pass, start at 0
             layer.query_start = query_start
+
+    # ---- the rows' keys outside a forward: shared passes, refreshes, state changes -------------------------
+
+    def gather(self, rows: torch.Tensor, width: int) -> LayerStates:
+        """The keys/values of held `rows` over positions [0, width) (zeros beyond what is held)."""
+        slots = self.slots(rows)
+        return [(_fit_width(layer.keys[slots], width), _fit_width(layer.values[slots], width))
+                for layer in self.layers]
+
+    def store(self, rows: torch.Tensor, states: LayerStates) -> None:
+        """A refresh: `rows` (ascending, none of them held) get the keys/values of a full pass."""
+        while len(self.layers) < len(states):
+            self.layers.append(DiffusionCacheLayer())
+        if self.rows is None or self.rows.numel() == 0:
+            for layer, (keys, values) in zip(self.layers, states):
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys, values
+            self.rows = rows
+            return
+        merged = torch.cat([self.rows, rows])
+        order = merged.argsort()
+        for layer, (keys, values) in zip(self.layers, states):
+            width = max(layer.keys.shape[-2], keys.shape[-2])
+            layer.keys = torch.cat([_fit_width(layer.keys, width), _fit_width(keys, width)])[order]
+            layer.values = torch.cat([_fit_width(layer.values, width), _fit_width(values, width)])[order]
+        self.rows = merged[order]
+
+    def write_columns(self, rows: torch.Tensor, starts: torch.Tensor, width: int, states: LayerStates) -> None:
+        """After a shared pass: positions [start, start + width) of each held row take the pass's keys/values."""
+        slots = self.slots(rows)[:, None]
+        columns = starts[:, None] + torch.arange(width, device=starts.device)  # [n, width]
+        batch = torch.arange(len(rows), device=starts.device)[:, None]
+        for layer, (keys, values) in zip(self.layers, states):
+            layer.keys[slots, :, columns] = keys[batch, :, columns]
+            layer.values[slots, :, columns] = values[batch, :, columns]
+
+    def renumber(self, kept: torch.Tensor) -> None:
+        """The decoding state kept only rows `kept` (ascending) and numbered them 0, 1, ...: drop the others' keys."""
+        if self.rows is None:
+            return
+        self.keep_rows(self.rows[torch.isin(self.rows, kept)])
+        self.rows = torch.searchsorted(kept, self.rows)
+
+    def shift_columns(self, shift: int) -> None:
+        """The sequence gained `shift` positions on the left (or lost -shift): the keys/values move with it."""
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys, layer.values = _shift_width(layer.keys, shift), _shift_width(layer.values, shift)
+
+
+def _fit_width(states: torch.Tensor, width: int) -> torch.Tensor:
+    """[rows, heads, L, head_dim] cut or zero-padded on the right to `width` positions."""
+    if states.shape[-2] >= width:
+        return states[:, :, :width]
+    return torch.nn.functional.pad(states, (0, 0, 0, width - states.shape[-2]))
+
+
+def _shift_width(states: torch.Tensor, shift: int) -> torch.Tensor:
+    """[rows, heads, L, head_dim] with `shift` zero positions added on the left (or -shift removed)."""
+    return torch.nn.functional.pad(states, (0, 0, shift, 0)) if shift >= 0 else states[:, :, -shift:]
 
 
 __all__ = ["CACHE_ATTENTION_BACKENDS", "DiffusionCacheLayer", "DiffusionCache"]

@@ -10,15 +10,17 @@ This file is the step engine: what one denoising step does. It imports no other 
 - *Plan and schedule*: which positions form each block and how many steps each gets (`plan_blocks`), and
   how many tokens each step commits (`tokens_per_step`).
 - *Caches* (Fast-dLLM): a state with `kv_cache` keeps a `DiffusionCache` (cache_llada.py, beside the model);
-  at the first step of a block the model runs the whole sequence, later steps only the block and what follows
-  it ("prefix") or only the block ("dual"). The cache decides each forward's query range (`query_range`).
+  at the first step of a row's block the model runs the row's whole sequence, later steps only the block and what
+  follows it ("prefix") or only the block ("dual"). The cache decides each row's query range (`query_range`).
 - *Candidates, scores, commits*: plain functions of tensors, including parallel decoding
   (`confidence_threshold`, `parallel_factor`, `entropy_bound`) and the official tie-breaking.
-- *The step engine*: `DiffusionDecodingState` (rows added together; `step()` = `plan_forward` ->
-  `run_forward` -> `finish_step`) and `DiffusionEngine` (requests join and leave between steps; states
-  without a cache share one forward pass).
+- *The step engine*: `DiffusionDecodingState` (rows with the same settings, each cohort at its own block; `step()`
+  = `plan_forward` -> `run_forward` -> `finish_step`), the shared forward passes (`_run_forwards`: the rows of
+  every state in as few passes as their shapes allow) and `DiffusionEngine` (continuous batching: requests join
+  and leave between steps, whatever their settings).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -182,8 +184,9 @@ def plan_blocks(prompt_length: int, answer_length: int, block_length: int, steps
     return blocks
 
 
-def tokens_per_step(num_masked: torch.LongTensor, steps: int) -> torch.LongTensor:
-    """How many tokens each step commits, per row: [B] masks over `steps` steps -> [B, steps].
+def tokens_per_step(num_masked: torch.LongTensor, steps: "int | torch.LongTensor") -> torch.LongTensor:
+    """How many tokens each step commits, per row: [B] masks over `steps` steps (one number, or one per row)
+    -> [B, steps] (the most steps; zeros after a row's own).
 
     LLaDA's linear noise schedule commits the same number each step; the remainder goes to the first
     steps (the official rule).
@@ -197,9 +200,11 @@ def tokens_per_step(num_masked: torch.LongTensor, steps: int) -> torch.LongTenso
                 [1, 1, 1, 0]])
         ```
     """
+    steps = torch.as_tensor(steps, device=num_masked.device)
     base, remainder = num_masked // steps, num_masked % steps
-    step_index = torch.arange(steps, device=num_masked.device)
-    return base[:, None] + (step_index[None, :] < remainder[:, None]).long()
+    step_index = torch.arange(int(steps.max()), device=num_masked.device)
+    counts = base[:, None] + (step_index[None, :] < remainder[:, None]).long()
+    return counts * (step_index < steps.reshape(-1, 1))  # rows with fewer steps: nothing after them
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,17 +258,15 @@ def _id_tensor(ids: list[int], device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _forbid(logits: torch.Tensor, ids: list[int], positions: torch.Tensor | None = None) -> None:
-    """Set the logits of `ids` to -inf in place ([R, W, V]), at every position or where `positions` ([W]) holds."""
+def _forbid(logits: torch.Tensor, ids: list[int], where: torch.Tensor | None = None) -> None:
+    """Set the logits of `ids` to -inf in place ([R, W, V]), at every position or where `where` ([R, W]) holds."""
     if not ids:
         return
     ids = _id_tensor(ids, logits.device)
-    if positions is None:
+    if where is None:
         logits[..., ids] = float("-inf")
-        return
-    where = positions.nonzero().squeeze(1)
-    if where.numel():
-        logits[:, where[:, None], ids[None, :]] = float("-inf")
+    else:
+        logits[..., ids] = logits[..., ids].masked_fill(where[..., None], float("-inf"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,18 +378,20 @@ def _check_finite(logits: torch.Tensor, candidates: torch.LongTensor, scores: to
         )
 
 
-def _top_k_per_row(scores: torch.Tensor, k: torch.LongTensor, eligible: torch.Tensor, offset: int,
+def _top_k_per_row(scores: torch.Tensor, k: torch.LongTensor, eligible: torch.Tensor, columns: torch.LongTensor,
                    length: int) -> torch.Tensor:
-    """Boolean [R, W]: the k[r] highest scores of each row among its eligible positions.
+    """Boolean [R, W]: the k[r] highest scores of each row among its eligible positions; `columns` [R, W] is each
+    window position's place in the sequence (ineligible positions may share one).
 
     Ties are broken exactly as the official sampler breaks them: `torch.topk` with that row's own k, over
-    the whole sequence (the window sits at `offset` among -inf), in the scores' own dtype. (topk with a
+    the whole sequence (the window in its place among -inf), in the scores' own dtype. (topk with a
     larger k does not pick the same tied positions, so rows are grouped by k.)
     """
-    rows, width = scores.shape
+    rows = scores.shape[0]
     k = torch.minimum(k, eligible.sum(1))
-    confidence = scores.new_full((rows, length), float("-inf"))  # [R, L]
-    confidence[:, offset : offset + width] = scores
+    confidence = scores.new_full((rows, length), float("-inf"))
+    # amax: a shared place keeps the eligible score (ineligible scores are -inf)
+    confidence.scatter_reduce_(1, columns, scores.masked_fill(~eligible, float("-inf")), "amax")
     chosen = torch.zeros(rows, length, dtype=torch.bool, device=scores.device)
     for value in k.unique().tolist():
         if value == 0:
@@ -394,7 +399,7 @@ def _top_k_per_row(scores: torch.Tensor, k: torch.LongTensor, eligible: torch.Te
         group = (k == value).nonzero().squeeze(1)
         top = confidence[group].topk(value, dim=1).indices  # [G, value]
         chosen[group[:, None], top] = True
-    return chosen[:, offset : offset + width] & eligible
+    return chosen.gather(1, columns) & eligible
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,26 +409,36 @@ def _top_k_per_row(scores: torch.Tensor, k: torch.LongTensor, eligible: torch.Te
 
 @dataclass
 class ForwardRequest:
-    """What one step of a `DiffusionDecodingState` asks of the model: `inputs` (`input_ids` or `inputs_embeds`,
-    [N, query positions]) for its active `rows` (N = 2R with CFG: the unconditional copies follow), their key
-    `attention_mask` ([N, L] or None), and the window [window_start, window_end) whose logits it needs; the
-    queries start at `query_start` (0 unless a cache serves the positions before)."""
+    """One step of a `DiffusionDecodingState`, as the model must run it (`plan_forward` makes it).
 
+    Per row that takes the step (`rows`, [R]): its window [window_start, window_end) (the positions whose logits the
+    step needs), the positions its forward covers [query_start, query_end), where its canvas ends (`key_end`: its
+    keys are positions [0, key_end)), and whether the forward reads the row's cached keys (`cached`) or runs its
+    whole canvas (no cache, or a refresh that stores the row's keys again). With CFG every row runs twice: its
+    forward rows are 2 * row (conditional) and 2 * row + 1 (prompt masked). `passes` counts the forward passes that
+    served the request (set when it has run).
+    """
+
+    state: "DiffusionDecodingState"
     rows: torch.LongTensor
-    window_start: int
-    window_end: int
-    query_start: int
-    inputs: dict
-    attention_mask: torch.Tensor | None
+    window_start: torch.LongTensor
+    window_end: torch.LongTensor
+    query_start: torch.LongTensor
+    query_end: torch.LongTensor
+    key_end: torch.LongTensor
+    cached: torch.Tensor
+    passes: int = 0
 
 
 class DiffusionDecodingState:
-    """The decoding state of rows that were added together, and `step()`, one denoising step for them.
+    """The decoding state of rows with the same settings, and `step()`, one denoising step for them.
 
-    The rows share a length, a block plan and settings, so each step is one forward pass (two rows per row
-    with CFG). Build one with `model.prepare_decoding(...)` (it takes `generate`'s arguments), then call
-    `step()` until `done`; `output()` gives what `generate` returns. Rows leave when they finish (early exit,
-    stopping criteria) or when `remove(rows)` cancels them; the other rows' tokens do not change.
+    Build one with `model.prepare_decoding(...)` (it takes `generate`'s arguments), then call `step()` until
+    `done`; `output()` gives what `generate` returns. Rows added together (a *cohort*) move through the block plan
+    together, as one batch of `generate` does; `DiffusionEngine` lets later requests with the same settings `join`
+    a running state as cohorts of their own, each at its own block and step. Every row has its own window, decides
+    for itself when its cache needs a refresh, and gets the tokens it would get alone. Rows leave when they finish
+    (their last block, early exit, stopping criteria) or when `remove(rows)` cancels them.
 
     `config` holds the call's validated settings (a `DiffusionGenerationConfig`, typed by its transformers base so
     that the engine needs nothing from generation_llada.py). The ids of `x` are trusted: `prepare_decoding` checks
@@ -473,24 +488,38 @@ class DiffusionDecodingState:
         self.streamer = streamer
         self.generator = generator
         self.mask_id = config.mask_token_id
+        self.copies = 2 if config.cfg_scale > 0 else 1  # forward rows per row: CFG adds a copy with the prompt masked
+        self.pad_id = _pad_id(config)  # fills positions a row does not use (never the mask: it would be decoded)
+        batch, device = x.shape[0], x.device
         self.prompt_positions = x != self.mask_id  # CFG masks these in its unconditional copy
-        self.active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # rows still being decoded
-        self.removed = torch.zeros_like(self.active)
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)  # rows still being decoded
         # `stop_token_ids`: per row, the position of its earliest committed stop token (the sequence's length when
         # there is none yet)
         stop_ids = _token_ids(config.stop_token_ids)
-        self.stop_ids = _id_tensor(stop_ids, x.device) if stop_ids else None
+        self.stop_ids = _id_tensor(stop_ids, device) if stop_ids else None
         self.stop_at = torch.full_like(self.active, x.shape[1], dtype=torch.long)
         self.commit_step = torch.full_like(x, -1)
-        self.forwards_taken = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        self.forwards_taken = torch.zeros(batch, dtype=torch.long, device=device)
+        # Progress, per row: its cohort (rows added together move in step), the block it is in, the steps its cohort
+        # took in that block and in all, and what each step of the block commits.
+        self.cohort = torch.zeros(batch, dtype=torch.long, device=device)
+        self.cohorts = 1
+        self.row_block = torch.zeros_like(self.cohort)
+        self.row_block_step = torch.zeros_like(self.cohort)
+        self.row_steps = torch.zeros_like(self.cohort)
+        self.schedule = torch.zeros(batch, max(block.steps for block in blocks), dtype=torch.long, device=device)
+        # Columns added on a row's left since it was added (when a longer prompt joined): its position ids are its
+        # column minus these, the positions it has alone.
+        self.position_offset = torch.zeros_like(self.cohort)
         self.cache = DiffusionCache(config.kv_cache) if config.kv_cache else None
         self.history: list[torch.LongTensor] = []
         self.nfe = 0
         self.steps_taken = 0
-        self.block_index, self.block_step, self.schedule = 0, 0, None
         self.done = False
+        self._plan = _plan_tensor(blocks, device)
         if streamer is not None:  # an embedded prompt has no ids: an empty prompt keeps skip_prompt in step
             streamer.put(self.visible(x)[:, :0] if prompt_embeds is not None else x[:, :prompt_length].cpu())
+        self._schedule_rows(self.active)
         self._advance()
 
     # ---- the step ------------------------------------------------------------------------------
@@ -500,74 +529,76 @@ class DiffusionDecodingState:
         request = self.plan_forward()
         return self.finish_step(request, self.run_forward(request))
 
-    def plan_forward(self) -> "ForwardRequest":
-        """Step 4, before the model runs: the active rows, their window, the positions the forward covers (the
-        cache decides) and the model inputs. `DiffusionEngine` may run several states' requests as one forward."""
+    def plan_forward(self) -> ForwardRequest:
+        """Step 4, before the model runs: the rows that take the step, their windows and the positions their forwards
+        cover (the cache decides, row by row). `DiffusionEngine` runs several states' requests in shared passes."""
         if self.done:
             raise RuntimeError("This decoding state is done; read `output()` or start a new one.")
-        block = self.blocks[self.block_index]
-        # Rows with nothing left to commit up to the block's end sit the step out: their tokens cannot change,
-        # and on a batch that waits for its slowest row they would otherwise cost a forward at every step.
-        masked = self.x[:, : block.end] == self.mask_id
-        rows = (self.active & masked.any(1)).nonzero().squeeze(1)
-        # The window is the whole block (a fixed width: static shapes for torch.compile), or starts at an
-        # earlier mask of any row (masks left in the prompt stay eligible, as in the official sampler).
-        window_start = min(block.start, int(masked[rows].any(0).nonzero()[0]))
-        guided = self.config.cfg_scale > 0
+        block_start, block_end = self._row_blocks()
         length = self.x.shape[1]
-        if self.config.canvas_tail is not None:  # a bounded canvas: masks far beyond the block are left out
-            length = min(length, block.end + self.config.canvas_tail)
-        batch_rows = torch.cat([rows, rows + self.x.shape[0]]) if guided else rows  # CFG copies: rows of their own
-        start, end = 0, length
-        if self.cache is not None:
-            start, end = self.cache.query_range(batch_rows, window_start=window_start, block_start=block.start,
-                                                block_end=block.end, refresh=self.block_step == 0, length=length)
-        mask = self.attention_mask[rows, :length] if self.attention_mask is not None else None
-        if guided and mask is not None:
-            mask = torch.cat([mask, mask])
-        return ForwardRequest(rows=rows, window_start=window_start, window_end=block.end, query_start=start,
-                              inputs=self._model_inputs(rows, start, end, guided), attention_mask=mask)
+        positions = torch.arange(length, device=self.x.device)
+        masked = (self.x == self.mask_id) & (positions < block_end[:, None])
+        # Rows with nothing left to commit up to their block's end sit the step out: their tokens cannot change,
+        # and on a cohort that waits for its slowest row they would otherwise cost a forward at every step.
+        rows = (self.active & masked.any(1)).nonzero().squeeze(1)
+        start, end = block_start[rows], block_end[rows]
+        # A row's window is its block (a fixed width: static shapes for torch.compile), or starts at an earlier mask
+        # of the row (masks left in the prompt stay eligible, as in the official sampler).
+        window_start = torch.minimum(start, torch.where(masked[rows], positions, length).min(1).values)
+        key_end = torch.full_like(end, length)
+        if self.config.canvas_tail is not None:  # a bounded canvas leaves out the masks far beyond the block
+            key_end = (end + self.config.canvas_tail).clamp(max=length)
+        if self.cache is None:
+            query_start, query_end, cached = torch.zeros_like(rows), key_end, torch.zeros_like(rows, dtype=torch.bool)
+        else:
+            # A row refreshes its own keys at its block's first step, or while a mask is left before its block.
+            refresh = (self.row_block_step[rows] == 0) | (window_start < start)
+            query_start, query_end, cached = self.cache.query_range(rows * self.copies, refresh, start, end, key_end)
+            self.cache.keep_rows(self._forward_rows(rows[cached]))  # the others leave or are stored again
+        return ForwardRequest(self, rows, window_start, end, query_start, query_end, key_end, cached)
 
-    def run_forward(self, request: "ForwardRequest") -> torch.Tensor:
-        """Step 4: the model on the request's inputs; logits [R(*2 with CFG), W, V] for the window."""
-        keep = torch.arange(request.window_start - request.query_start, request.window_end - request.query_start,
-                            device=self.x.device)
-        return self.model(**request.inputs, attention_mask=request.attention_mask, cache=self.cache,
-                          logits_to_keep=keep, check_input_ids=False).logits
+    def run_forward(self, request: ForwardRequest) -> torch.Tensor:
+        """Step 4: the model on the request's rows; logits [R * copies, W, V] for each row's window (W: the widest)."""
+        [logits], _ = _run_forwards(self.model, [request])
+        return logits
 
-    def finish_step(self, request: "ForwardRequest", logits: torch.Tensor) -> torch.LongTensor:
-        """Steps 4 (guidance) to 8 with the window's logits; returns the rows this step finished."""
-        rows, window_start, block = request.rows, request.window_start, self.blocks[self.block_index]
-        if self.config.cfg_scale > 0:
-            logits = classifier_free_guidance(*logits.chunk(2), self.config.cfg_scale)
-        self.nfe += 1
+    def finish_step(self, request: ForwardRequest, logits: torch.Tensor) -> torch.LongTensor:
+        """Steps 4 (guidance) to 8 with the windows' logits; returns the rows this step finished."""
+        rows, window_start, window_end = request.rows, request.window_start, request.window_end
+        if self.copies == 2:  # each row's forward row is followed by its unconditional copy's
+            logits = classifier_free_guidance(logits[0::2], logits[1::2], self.config.cfg_scale)
+        self.nfe += request.passes
         self.forwards_taken[rows] += 1
+        # Row r's window position j is its sequence position window_start[r] + j (past its window_end: not its window)
+        columns = window_start[:, None] + torch.arange(logits.shape[1], device=self.x.device)  # [R, W]
+        inside = columns < window_end[:, None]
+        columns = columns.clamp(max=self.x.shape[1] - 1)
+        current = self.x[rows[:, None], columns]
         # 5. Candidates
-        logits = self._shape_logits(logits, rows, window_start, block.end)
+        logits = self._shape_logits(logits, rows, columns)
         candidates = _candidates(logits, self.config, self.generator)
         # 6. Scores: only masked positions of the window are eligible (and, once a stop token is committed, only
         # those before it)
-        eligible = self.x[rows, window_start : block.end] == self.mask_id
+        eligible = inside & (current == self.mask_id)
         if self.stop_ids is not None:
-            positions = torch.arange(window_start, block.end, device=self.x.device)
-            eligible &= positions < self.stop_at[rows, None]
+            eligible &= columns < self.stop_at[rows, None]
         scores = self._scores(logits, candidates, eligible)
         _check_finite(logits, candidates, scores, eligible, self.steps_taken)
         # 7. Commit the scheduled number of best candidates per row (more with parallel decoding)
-        count = _parallel_count(scores, self.schedule[rows, self.block_step], self.config, logits)
-        chosen = _top_k_per_row(scores, count, eligible, window_start, self.x.shape[1])
-        window = slice(window_start, block.end)
-        self.x[rows, window] = torch.where(chosen, candidates, self.x[rows, window])
-        self.commit_step[rows, window] = torch.where(chosen, self.steps_taken, self.commit_step[rows, window])
-        self.block_step += 1
-        self.steps_taken += 1
+        count = _parallel_count(scores, self.schedule[rows, self.row_block_step[rows]], self.config, logits)
+        chosen = _top_k_per_row(scores, count, eligible, columns, self.x.shape[1])
+        committed_rows = rows[:, None].expand_as(columns)[chosen]
+        self.x[committed_rows, columns[chosen]] = candidates[chosen]
+        self.commit_step[committed_rows, columns[chosen]] = self.row_steps[committed_rows]
+        self._count_step(rows)
         if self.stop_ids is not None:
             self._find_stops(rows)
         # 8. Report and stop
         if self.config.output_history:
             self.history.append(self.visible(self.x).clone())
         if self.streamer is not None and hasattr(self.streamer, "put_draft"):
-            self.streamer.put_draft(value=self.x[:, block.start :].cpu())  # the canvas: what `put` has not had
+            start = self.blocks[self.block_index].start  # the canvas: what `put` has not had
+            self.streamer.put_draft(value=self.x[:, start:].cpu())
         finished = self._finished_rows() & self.active
         self._fill_with_eos(finished)
         self.active &= ~finished
@@ -578,7 +609,6 @@ class DiffusionDecodingState:
         """Cancel rows (indices into this state's batch): they take no more forward passes; others are unchanged."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.x.device)
         self.active[rows] = False
-        self.removed[rows] = True
         self._advance()
 
     def output(self) -> "torch.LongTensor | DiffusionGenerationOutput":
@@ -596,64 +626,147 @@ class DiffusionDecodingState:
             commit_step=commit_step,
         )
 
+    def row_output(self, index: int) -> torch.LongTensor:
+        """Row `index`'s sequence as `generate` returns it for the rows added with it (without the columns that rows
+        joining later added on its left)."""
+        if self.prompt_embeds is not None:
+            return self.x[index, self.answer_start :].clone()
+        return self.x[index, int(self.position_offset[index]) :].clone()
+
     @property
     def answer_start(self) -> int:
         return self.prompt_length
+
+    @property
+    def block_index(self) -> int:
+        """The first block a row still being decoded is in (every block is behind when none is)."""
+        live = self.row_block[self.active]
+        return int(live.min()) if live.numel() else len(self.blocks)
 
     def visible(self, x: torch.Tensor) -> torch.Tensor:
         """What the caller sees of a [B, L] tensor: everything, or the answer when the prompt was embedded."""
         return x[:, self.prompt_length :] if self.prompt_embeds is not None else x
 
-    # ---- blocks --------------------------------------------------------------------------------
+    # ---- continuous batching: rows that join and leave ------------------------------------------------
 
-    def _advance(self) -> None:
-        """Close the blocks that have nothing left to do (steps spent, no masks, no active rows).
+    def can_join(self, other: "DiffusionDecodingState") -> bool:
+        """Whether the rows of `other` (a state that has not stepped yet) can be decoded in this one: the same model,
+        settings, block plan (relative to the answer) and generator, prompts of the same kind (ids or embeddings), and
+        nothing that a caller reads for its own batch (streamer, logits processors, stopping criteria, history)."""
+        return (not self.done and other.steps_taken == 0 and self.model is other.model
+                and self.generator is other.generator and self._stands_alone() and other._stands_alone()
+                and (self.prompt_embeds is None) == (other.prompt_embeds is None)
+                and self._relative_plan() == other._relative_plan()
+                and self._settings == other._settings)
 
-        Each block's schedule spreads its masks over its steps; the first block's also counts masks left
-        before it (masks inside the prompt), so every mask of the sequence is committed by the end.
-        """
-        while not self.done:
-            block = self.blocks[self.block_index]
-            if self.schedule is None:
-                start = 0 if self.block_index == 0 else block.start
-                self.schedule = tokens_per_step((self.x[:, start : block.end] == self.mask_id).sum(1), block.steps)
-            rows = self.active.nonzero().squeeze(1)
-            has_masks = rows.numel() and bool((self.x[rows, : block.end] == self.mask_id).any())
-            if self.block_step < block.steps and has_masks:
-                return
-            if self.streamer is not None:
-                self.streamer.put(self.x[:, block.start : block.end].cpu())
-            self.block_index, self.block_step, self.schedule = self.block_index + 1, 0, None
-            if self.block_index == len(self.blocks) or not bool(self.active.any()):
-                self.done = True
-                if self.streamer is not None:
-                    self.streamer.end()
+    def join(self, other: "DiffusionDecodingState") -> int:
+        """Take in the rows of `other` (see `can_join`) as a cohort of their own, left-padded to the longer prompt;
+        they decode from the next step on, each as it would alone. Returns the index of `other`'s first row here."""
+        wider = self.prompt_length - other.prompt_length
+        (other if wider > 0 else self)._shift_columns(abs(wider))
+        first = self.x.shape[0]
+        if (self.attention_mask is None) != (other.attention_mask is None):
+            self.attention_mask, other.attention_mask = self._mask_or_ones(), other._mask_or_ones()
+        other.cohort += self.cohorts
+        for name in _ROW_TENSORS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(self, name, None if mine is None else torch.cat([mine, theirs]))
+        self.cohorts += other.cohorts
+        return first
+
+    def keep(self, rows: torch.LongTensor) -> None:
+        """Keep only `rows` (ascending; the others were popped or removed) and number them 0, 1, ...; then drop the
+        columns that only padded rows no longer here."""
+        if self.cache is not None:
+            self.cache.renumber(self._forward_rows(rows))
+        for name in _ROW_TENSORS:
+            tensor = getattr(self, name)
+            setattr(self, name, None if tensor is None else tensor[rows])
+        cohorts, self.cohort = self.cohort.unique(return_inverse=True)
+        self.cohorts = cohorts.numel()
+        if rows.numel():
+            self._shift_columns(-int(self.position_offset.min()))
+
+    @functools.cached_property
+    def _settings(self) -> dict:
+        """The call's settings, to compare states (made once: a config's dict is a deep copy)."""
+        return self.config.to_dict()
+
+    def _stands_alone(self) -> bool:
+        return (self.streamer is None and not self.logits_processor and self.stopping_criteria is None
+                and not self.config.output_history)
+
+    def _relative_plan(self) -> list[tuple[int, int, int]]:
+        start = self.prompt_length
+        return [(block.start - start, block.end - start, block.steps) for block in self.blocks]
+
+    def _mask_or_ones(self) -> torch.Tensor:
+        return torch.ones_like(self.x) if self.attention_mask is None else self.attention_mask
+
+    def _shift_columns(self, shift: int) -> None:
+        """Add `shift` padding columns on the left of every row (a longer prompt joined), or remove -shift columns
+        that pad every row; positions, blocks and cached keys move with the columns, and each row keeps its
+        position ids."""
+        if shift == 0:
+            return
+        if shift > 0:
+            self.attention_mask = self._mask_or_ones()
+        filler = -1 if self.prompt_embeds is not None else self.pad_id
+        self.x = _shift_left(self.x, shift, filler)
+        self.attention_mask = None if self.attention_mask is None else _shift_left(self.attention_mask, shift, 0)
+        self.prompt_positions = _shift_left(self.prompt_positions, shift, True)
+        self.commit_step = _shift_left(self.commit_step, shift, -1)
+        if self.prompt_embeds is not None:
+            self.prompt_embeds = _shift_left(self.prompt_embeds, shift, 0.0)
+        self.stop_at += shift
+        self.position_offset += shift
+        self.prompt_length += shift
+        self.blocks = [Block(block.start + shift, block.end + shift, block.steps) for block in self.blocks]
+        self._plan = _plan_tensor(self.blocks, self.x.device)
+        if self.cache is not None:
+            self.cache.shift_columns(shift)
+
+    def _forward_rows(self, rows: torch.LongTensor) -> torch.LongTensor:
+        """The forward rows of `rows`: each row, then (with CFG) its copy with the prompt masked."""
+        copies = torch.arange(self.copies, device=rows.device)
+        return (rows[:, None] * self.copies + copies).flatten()
 
     # ---- step 4: the model's inputs ------------------------------------------------------------
 
-    def _model_inputs(self, rows: torch.LongTensor, start: int, end: int, guided: bool) -> dict:
-        """`input_ids` for positions [start, end) of the rows, or `inputs_embeds` when the prompt is embedded;
-        with CFG the unconditional copies (prompt masked) follow the rows."""
-        ids = self.x[rows, start:end]
-        unconditional = ids.masked_fill(self.prompt_positions[rows, start:end], self.mask_id)
+    def _query_inputs(self, forward_rows: torch.LongTensor, starts: torch.LongTensor, width: int) -> torch.Tensor:
+        """The model inputs of `forward_rows` at positions [start, start + width): ids [n, width], or embeddings
+        [n, width, D] when the prompt is embedded. CFG copies (odd forward rows) have their prompt masked; positions
+        past the sequence (a pass shared with longer rows) hold padding."""
+        rows = forward_rows // self.copies
+        length = self.x.shape[1]
+        columns = starts[:, None] + torch.arange(width, device=starts.device)  # [n, width]
+        past_end = columns >= length
+        columns = columns.clamp(max=length - 1)
+        ids = self.x[rows[:, None], columns]
+        if self.copies == 2:
+            unconditional = (forward_rows % 2 == 1)[:, None] & self.prompt_positions[rows[:, None], columns]
+            ids = ids.masked_fill(unconditional, self.mask_id)
+        ids = ids.masked_fill(past_end, self.pad_id)
         if self.prompt_embeds is None:
-            return {"input_ids": torch.cat([ids, unconditional]) if guided else ids}
-        embed = self.model.get_input_embeddings()
-        prompt_end = max(min(self.prompt_length, end), start)  # positions [start, prompt_end) are the prompt's
-        answer_ids = ids[:, prompt_end - start :]
-        conditional = torch.cat([self.prompt_embeds[rows, start:prompt_end], embed(answer_ids)], dim=1)
-        if not guided:
-            return {"inputs_embeds": conditional}
-        masked_prompt = embed(unconditional[:, : prompt_end - start])  # every prompt position is the mask
-        unconditional_embeds = torch.cat([masked_prompt, embed(answer_ids)], dim=1)
-        return {"inputs_embeds": torch.cat([conditional, unconditional_embeds])}
+            return ids
+        # Prompt positions hold -1: they take the prompt's embeddings (the CFG copy's were masked above)
+        embeds = self.model.get_input_embeddings()(ids.clamp(min=0))
+        prompt = self.prompt_embeds[rows[:, None], columns.clamp(max=self.prompt_embeds.shape[1] - 1)]
+        return torch.where((ids < 0)[..., None], prompt, embeds)
+
+    def _key_mask(self, forward_rows: torch.LongTensor, key_end: torch.LongTensor, width: int) -> torch.Tensor:
+        """[n, width]: 1 where a forward row may attend (its own tokens, up to its canvas end), 0 elsewhere."""
+        within = (torch.arange(width, device=key_end.device) < key_end[:, None]).long()
+        if self.attention_mask is None:
+            return within
+        mask = self.attention_mask[forward_rows // self.copies, :width]
+        return F.pad(mask, (0, width - mask.shape[1])) * within
 
     # ---- steps 5-6: candidates and scores ------------------------------------------------------
 
-    def _shape_logits(self, logits: torch.Tensor, rows: torch.LongTensor, window_start: int,
-                      window_end: int) -> torch.Tensor:
+    def _shape_logits(self, logits: torch.Tensor, rows: torch.LongTensor, columns: torch.LongTensor) -> torch.Tensor:
         """Apply user processors and the token suppressions (step 5), in the logits' own dtype; the strategies
-        score these logits."""
+        score these logits. `columns` [R, W]: each window position's place in the sequence."""
         config = self.config
         num_rows, width, vocab = logits.shape
         if self.logits_processor:
@@ -668,7 +781,7 @@ class DiffusionDecodingState:
         begin = _token_ids(config.begin_suppress_tokens)
         if not (config.min_new_tokens or begin):  # the usual case: no per-position suppression this step
             return logits
-        answer_position = torch.arange(window_start, window_end, device=logits.device) - self.answer_start  # [W]
+        answer_position = columns - self.answer_start  # [R, W]
         if config.min_new_tokens:
             ends = _token_ids(config.eos_token_id) + _token_ids(config.eot_token_id)
             _forbid(logits, ends, (answer_position >= 0) & (answer_position < config.min_new_tokens))
@@ -738,53 +851,304 @@ class DiffusionDecodingState:
         ended[:, : self.answer_start] = False
         self.x[ended] = eos
 
+    # ---- blocks: each cohort's progress --------------------------------------------------------
 
-def _shared_forward(model, requests: list[ForwardRequest]) -> list[torch.Tensor]:
-    """One forward pass for several full-sequence requests; returns each request's window logits.
+    def _row_blocks(self) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """[B] each row's current block start and end (the last block's for rows past it)."""
+        block = self.row_block.clamp(max=len(self.blocks) - 1)
+        return self._plan[0, block], self._plan[1, block]
 
-    Shorter sequences are left-padded (masked out) and keep their own position ids, so each row sees what it
-    sees alone; the LM head runs on the union of the windows.
+    def _count_step(self, rows: torch.LongTensor) -> None:
+        """The cohorts of `rows` took a step (their rows that sat it out count it too, as a batch of `generate`)."""
+        took = torch.isin(self.cohort, self.cohort[rows])
+        self.row_block_step += took
+        self.row_steps += took
+        self.steps_taken += 1
+
+    def _advance(self) -> None:
+        """Close the blocks that have nothing left to do, cohort by cohort (steps spent, or no mask left up to the
+        block's end in any of the cohort's active rows); a row past its last block is finished, and the state is done
+        when no row is active.
+
+        Each block's schedule spreads its masks over its steps; the first block's also counts masks left before it
+        (masks inside the prompt), so every mask of the sequence is committed by the end.
+        """
+        while True:
+            closing = self._closing_rows()
+            if not bool(closing.any()):
+                break
+            self._stream_block(closing)
+            self.row_block += closing
+            self.row_block_step[closing] = 0
+            past_the_plan = closing & (self.row_block == len(self.blocks))
+            self.active &= ~past_the_plan
+            self._schedule_rows(closing & ~past_the_plan)
+        if not self.done and not bool(self.active.any()):
+            self.done = True
+            if self.streamer is not None:
+                if self._block_in_progress() is not None:  # rows ended early: their block is what they stop at
+                    self._stream_block(torch.ones_like(self.active))
+                self.streamer.end()
+
+    def _closing_rows(self) -> torch.Tensor:
+        """[B] the active rows whose cohort is done with its current block."""
+        _, block_end = self._row_blocks()
+        positions = torch.arange(self.x.shape[1], device=self.x.device)
+        has_masks = self.active & ((self.x == self.mask_id) & (positions < block_end[:, None])).any(1)
+        busy = torch.zeros(self.cohorts, dtype=torch.bool, device=self.x.device)
+        busy[self.cohort[has_masks]] = True
+        steps = self._plan[2, self.row_block.clamp(max=len(self.blocks) - 1)]
+        return self.active & ((self.row_block_step >= steps) | ~busy[self.cohort])
+
+    def _schedule_rows(self, rows: torch.Tensor) -> None:
+        """The schedule of the block that `rows` ([B] booleans) enter: how many tokens each of its steps commits."""
+        rows = rows.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        block = self.row_block[rows]
+        start = torch.where(block == 0, 0, self._plan[0, block])  # block 0 also commits masks left in the prompt
+        positions = torch.arange(self.x.shape[1], device=self.x.device)
+        in_block = (positions >= start[:, None]) & (positions < self._plan[1, block][:, None])
+        counts = tokens_per_step(((self.x[rows] == self.mask_id) & in_block).sum(1), self._plan[2, block])
+        self.schedule[rows] = F.pad(counts, (0, self.schedule.shape[1] - counts.shape[1]))
+
+    def _block_in_progress(self) -> int | None:
+        """The block the streamer's rows are in, while it is not behind them."""
+        block = int(self.row_block.min())
+        return block if block < len(self.blocks) else None
+
+    def _stream_block(self, rows: torch.Tensor) -> None:
+        """A streamer gets each block as its cohort closes it (a state with a streamer holds one cohort)."""
+        if self.streamer is None:
+            return
+        block = self.blocks[int(self.row_block[rows].min())]
+        self.streamer.put(self.x[:, block.start : block.end].cpu())
+
+
+# Per-row tensors of a decoding state: what `join` concatenates and `keep` selects.
+_ROW_TENSORS = ("x", "attention_mask", "prompt_embeds", "prompt_positions", "active", "stop_at",
+                "commit_step", "forwards_taken", "cohort", "row_block", "row_block_step", "row_steps", "schedule",
+                "position_offset")
+
+
+def _plan_tensor(blocks: list[Block], device) -> torch.LongTensor:
+    """[3, blocks]: each block's start, end and steps."""
+    return torch.tensor([[b.start for b in blocks], [b.end for b in blocks], [b.steps for b in blocks]],
+                        dtype=torch.long, device=device)
+
+
+def _shift_left(tensor: torch.Tensor, shift: int, fill) -> torch.Tensor:
+    """[B, L, ...] with `shift` columns of `fill` added on the left (or -shift columns removed)."""
+    if shift < 0:
+        return tensor[:, -shift:]
+    return torch.cat([tensor.new_full((tensor.shape[0], shift, *tensor.shape[2:]), fill), tensor], dim=1)
+
+
+def _pad_id(config: GenerationConfig) -> int:
+    """An id for the positions a row does not use: the pad (or EOS) id, never the mask (it would be decoded)."""
+    for candidate in (config.pad_token_id, *_token_ids(config.eos_token_id), 0, 1):
+        if candidate is not None and candidate != config.mask_token_id:
+            return candidate
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared forward passes: the rows of every state that takes a step, in as few passes as their shapes allow
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Piece:
+    """Forward rows of one request that run in the same pass: their places in the request's logits (`slots`), their
+    queries (`width` positions from `query_start`; width 0: the whole canvas), canvas ends and window offsets."""
+
+    request: ForwardRequest
+    width: int
+    slots: torch.LongTensor
+    rows: torch.LongTensor  # the state's forward rows
+    query_start: torch.LongTensor
+    key_end: torch.LongTensor
+    query_starts: list[int]  # the same two, on the host
+    key_ends: list[int]
+    window_offsets: list[int]  # window start - query start, per forward row
+    window_width: int  # the widest window
+
+    @property
+    def state(self) -> "DiffusionDecodingState":
+        return self.request.state
+
+
+def _run_forwards(model, requests: list[ForwardRequest]) -> tuple[list[torch.Tensor], int]:
+    """Run the forwards of several states' steps in as few passes as their shapes allow: every row that runs its
+    whole canvas (no cache, or a refresh) shares one pass, shorter canvases padded on the right and masked; the rows
+    that read their cache share a pass per query width (a dual-cache block, or a prefix run from the block on). Each
+    row keeps its own position ids, so it sees what it sees alone.
+
+    Returns each request's window logits ([forward rows, its widest window, V]; positions past a row's window are
+    zeros) and the number of passes run; sets each request's `passes`. Cached passes run first: a refresh stores
+    keys after them.
     """
-    lengths = [_inputs_tensor(request).shape[1] for request in requests]
-    width = max(lengths)
-    embedded = any("inputs_embeds" in request.inputs for request in requests)
-    inputs, masks, positions, windows = [], [], [], []
-    for request, length in zip(requests, lengths):
-        shift = width - length  # left padding added for this request
-        tensor = _inputs_tensor(request)
-        if embedded and "input_ids" in request.inputs:
-            tensor = model.get_input_embeddings()(tensor)
-        inputs.append(F.pad(tensor, (0, 0, shift, 0) if embedded else (shift, 0)))  # pad id 0 / zeros: masked
-        mask = request.attention_mask
-        mask = torch.ones(tensor.shape[:2], dtype=torch.long, device=tensor.device) if mask is None else mask
-        masks.append(F.pad(mask.long(), (shift, 0)))
-        positions.append((torch.arange(width, device=tensor.device) - shift).expand(tensor.shape[0], width))
-        windows.append((request.window_start + shift, request.window_end + shift))
-    low, high = min(start for start, _ in windows), max(end for _, end in windows)
-    logits = model(**{"inputs_embeds" if embedded else "input_ids": torch.cat(inputs)},
-                   attention_mask=torch.cat(masks), position_ids=torch.cat(positions),
-                   logits_to_keep=torch.arange(low, high, device=inputs[0].device),
-                   check_input_ids=False).logits  # [N, high - low, V]; ids as in `run_forward`, pad id 0
-    pieces, first_row = [], 0
-    for tensor, (start, end) in zip(inputs, windows):
-        pieces.append(logits[first_row : first_row + tensor.shape[0], start - low : end - low])
-        first_row += tensor.shape[0]
+    groups: dict[int, list[_Piece]] = {}
+    widest = {}  # each request's widest window
+    for request in requests:
+        pieces = _pieces(request)
+        widest[id(request)] = max(piece.window_width for piece in pieces)
+        for piece in pieces:
+            groups.setdefault(piece.width, []).append(piece)
+    parts: dict[int, list[tuple[torch.LongTensor, torch.Tensor]]] = {id(request): [] for request in requests}
+    for width in sorted(groups, reverse=True):  # the whole-canvas pass (width 0) last
+        pieces = groups[width]
+        for piece, logits in zip(pieces, _run_pass(model, width, pieces)):
+            parts[id(piece.request)].append((piece.slots, logits))
+        for request in {id(piece.request): piece.request for piece in pieces}.values():
+            request.passes += 1
+    logits = [_assemble(request, parts[id(request)], widest[id(request)]) for request in requests]
+    return logits, len(groups)
+
+
+def _pieces(request: ForwardRequest) -> list[_Piece]:
+    """The request's forward rows, split by the pass they run in."""
+    copies = request.state.copies
+    per_row = (request.query_start, request.query_end, request.key_end, request.window_start, request.window_end,
+               request.cached)
+    if copies > 1:  # a row's CFG copy runs where the row runs
+        per_row = tuple(value.repeat_interleave(copies) for value in per_row)
+    start, end, key_end, window_start, window_end, cached = per_row
+    forward_rows = request.state._forward_rows(request.rows)
+    widths = torch.where(cached, end - start, 0)
+    host = torch.stack([widths, start, key_end, window_start - start, window_end - window_start]).tolist()
+    pieces = []
+    for width in sorted(set(host[0])):
+        slots = [i for i, row_width in enumerate(host[0]) if row_width == width]
+        index = torch.tensor(slots, device=forward_rows.device)
+        starts, key_ends, offsets, window_widths = ([values[i] for i in slots] for values in host[1:])
+        pieces.append(_Piece(request, width, index, forward_rows[index], start[index], key_end[index], starts,
+                             key_ends, offsets, max(window_widths)))
     return pieces
 
 
-def _inputs_tensor(request: ForwardRequest) -> torch.Tensor:
-    return request.inputs.get("input_ids", request.inputs.get("inputs_embeds"))
+def _run_pass(model, width: int, pieces: list[_Piece]) -> list[torch.Tensor]:
+    """One forward pass for `pieces` (queries `width` wide, or each row's whole canvas when 0); returns each piece's
+    window logits."""
+    query_width = width or max(max(piece.key_ends) for piece in pieces)
+    inputs = [piece.state._query_inputs(piece.rows, piece.query_start, query_width) for piece in pieces]
+    embedded = any(tensor.dim() == 3 for tensor in inputs)
+    if embedded:  # ids are embedded as the model would embed them
+        inputs = [tensor if tensor.dim() == 3 else model.get_input_embeddings()(tensor) for tensor in inputs]
+    positions = torch.cat([  # each row's own position ids
+        piece.query_start[:, None] + torch.arange(query_width, device=piece.rows.device)
+        - piece.state.position_offset[piece.rows // piece.state.copies, None] for piece in pieces])
+    cache, shared = _pass_cache(pieces, width)
+    key_width = query_width if width == 0 else cache.layers[0].keys.shape[-2]
+    logits = model(**{"inputs_embeds" if embedded else "input_ids": torch.cat(inputs)},
+                   attention_mask=_pass_key_mask(pieces, key_width), position_ids=positions, cache=cache,
+                   logits_to_keep=_window_positions(pieces, query_width), check_input_ids=False).logits
+    if shared:
+        _keep_pass_keys(pieces, width, cache)
+    sizes = [len(piece.rows) for piece in pieces]
+    return list(logits.split(sizes)) if len(pieces) > 1 else [logits]
+
+
+def _pass_cache(pieces: list[_Piece], width: int) -> tuple[DiffusionCache | None, bool]:
+    """The cache a pass runs with, and whether it is one made for the pass (its keys go back to the states' caches
+    afterwards) rather than a state's own. A state alone in its pass uses its own cache, as `generate` does."""
+    states = [piece.state for piece in pieces if piece.state.cache is not None]
+    if not states:
+        return None, False
+    if len(pieces) == 1 and _owns_the_pass(pieces[0], width):
+        piece, cache = pieces[0], pieces[0].state.cache
+        if width == 0:
+            cache.start_refill(piece.rows)
+            cache.set_query_start(0)
+        else:
+            uniform = len(set(piece.query_starts)) == 1
+            cache.set_query_start(piece.query_starts[0] if uniform else piece.query_start)
+        return cache, False
+    cache = DiffusionCache()
+    if width == 0:
+        cache.set_query_start(0)  # a full pass: it keeps every row's keys, for the refreshing rows to store
+        return cache, True
+    key_width = max(max(piece.key_ends) for piece in pieces)
+    gathered = [piece.state.cache.gather(piece.rows, key_width) for piece in pieces]
+    cache.store(torch.arange(sum(len(piece.rows) for piece in pieces), device=pieces[0].rows.device),
+                [(torch.cat([keys for keys, _ in layer]), torch.cat([values for _, values in layer]))
+                 for layer in zip(*gathered)])
+    cache.set_query_start(torch.cat([piece.query_start for piece in pieces]))
+    return cache, True
+
+
+def _owns_the_pass(piece: _Piece, width: int) -> bool:
+    """Whether the state's own cache can serve the pass: a full pass refills it when it holds no row that reads it
+    this step; a cached pass reads it when it holds exactly the pass's rows."""
+    cache = piece.state.cache
+    if width == 0:
+        return cache.rows is None or cache.rows.numel() == 0
+    return cache.rows is not None and torch.equal(cache.rows, piece.rows)
+
+
+def _keep_pass_keys(pieces: list[_Piece], width: int, cache: DiffusionCache) -> None:
+    """After a pass with a cache of its own: refreshed rows store their keys/values in their states' caches, rows that
+    read their cache write back the positions the pass ran."""
+    first = 0
+    for piece in pieces:
+        rows = slice(first, first + len(piece.rows))
+        first += len(piece.rows)
+        state_cache = piece.state.cache
+        if state_cache is None:
+            continue
+        if width == 0:
+            length = piece.state.x.shape[1]
+            state_cache.store(piece.rows, [(layer.keys[rows, :, :length].clone(),
+                                            layer.values[rows, :, :length].clone()) for layer in cache.layers])
+        else:
+            state_cache.write_columns(piece.rows, piece.query_start, width,
+                                      [(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
+
+
+def _pass_key_mask(pieces: list[_Piece], key_width: int) -> torch.Tensor | None:
+    """The pass's attention mask [rows, key_width], or None when every row attends to every position."""
+    if all(piece.state.attention_mask is None and min(piece.key_ends) == key_width for piece in pieces):
+        return None
+    return torch.cat([piece.state._key_mask(piece.rows, piece.key_end, key_width) for piece in pieces])
+
+
+def _window_positions(pieces: list[_Piece], query_width: int) -> torch.Tensor:
+    """`logits_to_keep` of a pass: the windows' positions among the queries, one list for every row when the windows
+    line up (the usual case, and static shapes), else one per row ([rows, widest window])."""
+    offsets = [offset for piece in pieces for offset in piece.window_offsets]
+    width = max(piece.window_width for piece in pieces)
+    device = pieces[0].rows.device
+    if len(set(offsets)) == 1:
+        return torch.arange(offsets[0], offsets[0] + width, device=device)
+    positions = torch.tensor(offsets, device=device)[:, None] + torch.arange(width, device=device)
+    return positions.clamp(max=query_width - 1)
+
+
+def _assemble(request: ForwardRequest, parts: list[tuple[torch.LongTensor, torch.Tensor]], width: int
+              ) -> torch.Tensor:
+    """The request's window logits ([forward rows, `width` = its widest window, V]; zeros past a row's window) from
+    its pieces' (places in the request, logits)."""
+    rows = len(request.rows) * request.state.copies
+    if len(parts) == 1 and len(parts[0][0]) == rows and parts[0][1].shape[1] == width:
+        return parts[0][1]
+    logits = parts[0][1]
+    out = logits.new_zeros(rows, width, logits.shape[-1])
+    for slots, piece_logits in parts:
+        kept = min(width, piece_logits.shape[1])
+        out[slots, :kept] = piece_logits[:, :kept]
+    return out
 
 
 class DiffusionEngine:
-    """Decoding for requests that come and go: each `add` joins at the next step boundary with its own prompt,
-    settings and block plan; `step()` advances every request by one denoising step; finished or cancelled
-    rows leave without changing the other rows' tokens. The server and streaming clients drive it.
+    """Continuous batching: requests come and go between steps, and every request decodes with the others
+    whatever its arrival time and settings.
 
-    Rows added in one call form one `DiffusionDecodingState`. At each step, the states without a key/value
-    cache run as ONE forward pass (shorter sequences left-padded, each keeping its own position ids), and each
-    state with a cache runs its own (its cache covers only its rows). Every request gets the tokens it would get
-    from `generate` alone; `forward_passes` counts the passes run.
+    `add` takes `generate`'s arguments; the rows join a running state with the same settings (a cohort of their
+    own, at its own block and step: the per-row work of a step is batched with the state's other rows) or start a
+    state of their own. `step()` advances every request by one denoising step, the rows of all states in as few
+    forward passes as their shapes allow: every row that runs its whole canvas (no cache, or a refresh of its own
+    keys) in one pass, the rows that read their caches in one pass per query width, each row with its own position
+    ids. Finished or cancelled rows leave without changing the other rows' tokens: every request gets the tokens it
+    would get from `generate` alone. `forward_passes` counts the passes run.
 
     Example:
         ```python
@@ -809,17 +1173,24 @@ class DiffusionEngine:
         self.model = model
         self.states: list[DiffusionDecodingState] = []
         self._rows: dict[int, tuple[DiffusionDecodingState, int]] = {}
+        self._left: list[DiffusionDecodingState] = []  # states with rows popped or removed since the last step
         self._next_id = 0
         self.forward_passes = 0
 
-    def add(self, input_ids=None, attention_mask=None, **kwargs) -> list[int]:
-        """Add requests (the arguments of `generate`); returns one id per row, used by `pop`, `draft`, `remove`."""
+    def add(self, input_ids=None, attention_mask=None, join: bool = True, **kwargs) -> list[int]:
+        """Add requests (the arguments of `generate`); returns one id per row, used by `pop`, `draft`, `remove`.
+        With `join=False` the rows keep a state of their own (they still share forward passes)."""
         state = self.model.prepare_decoding(input_ids, attention_mask, **kwargs)
-        ids = list(range(self._next_id, self._next_id + state.x.shape[0]))
-        self._next_id += len(ids)
-        self.states.append(state)
+        rows = state.x.shape[0]
+        host = next((running for running in self.states if join and running.can_join(state)), None)
+        first = 0 if host is None else host.join(state)
+        if host is None:
+            host = state
+            self.states.append(state)
+        ids = list(range(self._next_id, self._next_id + rows))
+        self._next_id += rows
         for index, row_id in enumerate(ids):
-            self._rows[row_id] = (state, index)
+            self._rows[row_id] = (host, first + index)
         return ids
 
     @property
@@ -828,17 +1199,13 @@ class DiffusionEngine:
 
     def step(self) -> list[int]:
         """One denoising step for every unfinished request; returns the ids of the rows finished by now."""
+        self._compact()
         pending = [state for state in self.states if not state.done]
-        shared = [state for state in pending if state.cache is None]  # full-sequence forwards: one pass
-        if len(shared) > 1:
-            requests = [state.plan_forward() for state in shared]
-            for state, request, logits in zip(shared, requests, _shared_forward(self.model, requests)):
-                state.finish_step(request, logits)
-            self.forward_passes += 1
-        for state in pending:
-            if len(shared) < 2 or state.cache is not None:
-                state.step()
-                self.forward_passes += 1
+        requests = [state.plan_forward() for state in pending]
+        logits, passes = _run_forwards(self.model, requests)
+        for state, request, window_logits in zip(pending, requests, logits):
+            state.finish_step(request, window_logits)
+        self.forward_passes += passes
         return [row_id for row_id in self._rows if self.is_finished(row_id)]
 
     def is_finished(self, row_id: int) -> bool:
@@ -846,8 +1213,8 @@ class DiffusionEngine:
         return state.done or not bool(state.active[index])
 
     def state_of(self, row_id: int) -> tuple[DiffusionDecodingState, int]:
-        """The state that decodes the row, and the row's index in its batch: a caller that follows many rows reads
-        each state once (one device-to-host copy) instead of once per row."""
+        """The state that decodes the row, and the row's index in its batch (until the next step): a caller that
+        follows many rows reads each state once (one device-to-host copy) instead of once per row."""
         return self._rows[row_id]
 
     def draft(self, row_id: int) -> torch.LongTensor:
@@ -860,19 +1227,31 @@ class DiffusionEngine:
         if not self.is_finished(row_id):
             raise ValueError(f"Row {row_id} is still being decoded; call `step()` until `is_finished({row_id})`.")
         state, index = self._rows.pop(row_id)
-        self._forget_empty_states()
-        return state.visible(state.x)[index].clone()
+        self._forget(state)
+        return state.row_output(index)
 
     def remove(self, row_id: int) -> None:
         """Cancel a row: it takes no more forward passes and is forgotten; the other rows are unchanged."""
         state, index = self._rows.pop(row_id)
         if not state.done:
             state.remove([index])
-        self._forget_empty_states()
+        self._forget(state)
 
-    def _forget_empty_states(self) -> None:
-        held = {id(state) for state, _ in self._rows.values()}
-        self.states = [state for state in self.states if id(state) in held]
+    def _forget(self, state: DiffusionDecodingState) -> None:
+        """A row of `state` left: the state drops it at the next step, or goes when it has no row left."""
+        if any(held is state for held, _ in self._rows.values()):
+            self._left.append(state)
+        else:
+            self.states = [kept for kept in self.states if kept is not state]
+
+    def _compact(self) -> None:
+        """Drop the rows that left since the last step from their states, and renumber the rows that stay."""
+        for state in {id(state): state for state in self._left if state in self.states}.values():
+            ids = sorted((index, row_id) for row_id, (held, index) in self._rows.items() if held is state)
+            state.keep(torch.tensor([index for index, _ in ids], dtype=torch.long, device=state.x.device))
+            for new_index, (_, row_id) in enumerate(ids):
+                self._rows[row_id] = (state, new_index)
+        self._left = []
 
 
 __all__ = [

@@ -18,12 +18,13 @@ the answer can no longer change what is returned) or a stop string, or when its 
 (`Request.cancel`: the client disconnected), always at a step boundary. After each step the loop reads each
 state's canvas in one device-to-host copy, however many rows it holds.
 
-Batching: the requests admitted at one step boundary with the same settings are added in one `engine.add`
-(a left-padded batch: one state, one forward); the engine runs every cache-less state of a step as one forward
-pass too, so requests that arrive later batch with the running ones. A sampling request with its own `seed` gets
-a state (and generator) of its own. When a state's forward raises (e.g. out of memory), a state of one request
-fails that request; a state shared by several requests is split and each starts again alone (once; only when
-its tokens are reproducible), so only the request that cannot run fails.
+Batching (continuous): each admitted request is added to the engine at the next step boundary, whatever its
+arrival time and settings. A request with the settings of a running one joins its decoding state (one batch for the
+per-row work of a step), and every step runs all rows in as few forward passes as their shapes allow, with and
+without caches; each answer is the one `generate` gives alone. A sampling request with its own `seed` gets a state
+(and generator) of its own. When a state's forward raises (e.g. out of memory), a state of one request fails that
+request; a state shared by several requests is split and each starts again (once; only when its tokens are
+reproducible), so only the request that cannot run fails.
 
 Under `torchrun` with tensor parallelism, every rank must run the same forwards: rank 0 (the one serving HTTP)
 broadcasts each engine operation before running it, and the other ranks run `follow` to replay them.
@@ -40,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..decoding_llada import DiffusionEngine, left_pad
+from ..decoding_llada import DiffusionEngine
 from ..streaming_llada import end_token_ids as find_end_token_ids
 from .output import AnswerOutput, TokenPieces
 
@@ -119,8 +120,6 @@ class _Row:
     request: Request
     index: int  # the choice
     row_id: int  # the engine's id
-    state: Any  # the engine state that holds the row ...
-    position: int  # ... and the row's index in it
     output: AnswerOutput
     nfe: int = 0
 
@@ -153,10 +152,6 @@ class _Stats:
         return tokens / window
 
 
-def _settings_key(settings: dict) -> tuple:
-    return tuple(sorted((name, repr(value)) for name, value in settings.items()))
-
-
 class Scheduler:
     """Owns the engine and its thread. See the module docstring for the events and the batching rules.
 
@@ -184,7 +179,6 @@ class Scheduler:
             end_token_ids = find_end_token_ids(tokenizer, model.generation_config)
         self.end_token_ids = set(end_token_ids)
         self.pieces = TokenPieces(tokenizer, model.config.mask_token_id)
-        self.pad_id = _pad_id(model)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait = batch_wait
@@ -321,7 +315,7 @@ class Scheduler:
             time.sleep(0.0005)
 
     def _admit(self) -> None:
-        """Move queued requests that fit into the engine, grouping rows that can share a state."""
+        """Move the queued requests that fit into the engine: each joins the running batch at the next step."""
         admitted = []
         with self._condition:
             free = self.max_batch - len(self._rows)
@@ -332,45 +326,27 @@ class Scheduler:
                     continue
                 admitted.append(request)
                 free -= request.n
-        groups: dict[tuple, list[Request]] = {}
-        for request in admitted:  # same settings (and, when sampling, no seed of its own): one state
-            seeded = request.sampling and request.seed is not None
-            groups.setdefault(("alone", request.id) if seeded else _settings_key(request.settings), []).append(request)
-        for group in groups.values():
-            self._add(group)
+        for request in admitted:
+            self._add(request)
 
-    def _add(self, group: list[Request]) -> None:
-        rows = [request.prompt_ids for request in group for _ in range(request.n)]
-        input_ids, attention_mask = left_pad(rows, self.pad_id)
-        if all(len(row) == input_ids.shape[1] for row in rows):
-            attention_mask = None  # no padding: the prompts as generate gets them alone
-        request = group[0]
-        generator = self.generator
-        if request.sampling and request.seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(request.seed)
+    def _add(self, request: Request) -> None:
+        """Add the request's `n` rows (its prompt, repeated) to the engine; a request started again after a failed
+        step decodes in a state of its own, so that a request that cannot run fails alone."""
+        input_ids = torch.tensor([request.prompt_ids] * request.n, dtype=torch.long)
+        seed = request.seed if request.sampling else None  # a sampling request with a seed: a generator of its own
         try:
-            row_ids = self._engine_add(input_ids, attention_mask, request.settings, request.seed if
-                                       generator is not self.generator else None)
+            row_ids = self._engine_add(input_ids, request.settings, seed, join=not request._restarted)
         except Exception as error:  # bad settings slipped through validation, or no memory for the prompt
-            if len(group) > 1:
-                for single in group:
-                    self._add([single])
-                return
             self._fail(request, _status_of(error), _message_of(error))
             return
-        now = time.monotonic()
-        ids = iter(row_ids)
-        for member in group:
-            member.started = now
-            # A request started again after a failed step keeps its outputs: it decodes the same tokens again, and
-            # its client must not get the text it already has twice.
-            member._outputs = member._outputs or [
-                AnswerOutput(self.tokenizer, self.pieces, self.end_token_ids, member.stop, member.drafts)
-                for _ in range(member.n)]
-            for index, output in enumerate(member._outputs):
-                row_id = next(ids)
-                state, position = self.engine.state_of(row_id)
-                self._rows[row_id] = _Row(member, index, row_id, state, position, output)
+        request.started = time.monotonic()
+        # A request started again after a failed step keeps its outputs: it decodes the same tokens again, and its
+        # client must not get the text it already has twice.
+        request._outputs = request._outputs or [
+            AnswerOutput(self.tokenizer, self.pieces, self.end_token_ids, request.stop, request.drafts)
+            for _ in range(request.n)]
+        for index, (row_id, output) in enumerate(zip(row_ids, request._outputs)):
+            self._rows[row_id] = _Row(request, index, row_id, output)
 
     def _apply_cancellations(self) -> None:
         for row in [row for row in self._rows.values() if row.request.cancelled]:
@@ -391,20 +367,20 @@ class Scheduler:
         if before is not None and after is not None:
             self.stats.forward_passes += after - before
         failed = {id(state) for state, _ in failures}
-        stepped = [row for row in self._rows.values() if id(row.state) not in failed]
+        stepped = [row for row in self._rows.values() if id(self.engine.state_of(row.row_id)[0]) not in failed]
         if failures:
             self._recover(failures)
-        for state, rows in _by_state(stepped):
+        for state, rows in self._by_state(stepped):
             canvases, active = _read_state(state)
-            for row in rows:
+            for row, position in rows:
                 row.nfe += 1
-                self._report(row, canvases[row.position], finished=state.done or not active[row.position])
+                self._report(row, canvases[position], finished=state.done or not active[position])
 
     def _recover(self, failures: list[tuple[Any, Exception]]) -> None:
         """States whose step raised: a state of one request fails it; a state shared by several requests is split,
         each request starting again alone (once), so that only the one that cannot run fails."""
         for state, error in failures:
-            rows = [row for row in self._rows.values() if row.state is state]
+            rows = [row for row in self._rows.values() if self.engine.state_of(row.row_id)[0] is state]
             requests = list({id(row.request): row.request for row in rows}.values())
             for row in rows:
                 self._engine_remove(row.row_id)
@@ -414,11 +390,19 @@ class Scheduler:
                     logger.warning("A shared step failed (%s); request %s starts again alone", error, request.id)
                     request._restarted = True
                     self.stats.restarted += 1
-                    self._add([request])
+                    self._add(request)
                 else:
                     self._fail(request, _status_of(error), _message_of(error))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _by_state(self, rows: list[_Row]) -> list[tuple[Any, list[tuple[_Row, int]]]]:
+        """The rows grouped by the engine state that holds them: (state, [(row, its index in the state)])."""
+        groups: dict[int, tuple[Any, list[tuple[_Row, int]]]] = {}
+        for row in rows:
+            state, position = self.engine.state_of(row.row_id)
+            groups.setdefault(id(state), (state, []))[1].append((row, position))
+        return list(groups.values())
 
     def _report(self, row: _Row, canvas: list[int], finished: bool) -> None:
         """Tell the row's request what the step decided (`canvas`: its answer, masks in place; `finished`: the
@@ -481,10 +465,10 @@ class Scheduler:
 
     # ---- engine operations (mirrored to the other ranks under tensor parallelism) ------------------
 
-    def _engine_add(self, input_ids, attention_mask, settings: dict, seed: int | None) -> list[int]:
+    def _engine_add(self, input_ids, settings: dict, seed: int | None, join: bool) -> list[int]:
         if self.mirror is not None:
-            self.mirror.broadcast(("add", input_ids, attention_mask, settings, seed))
-        return apply_add(self.engine, self.generator, input_ids, attention_mask, settings, seed)
+            self.mirror.broadcast(("add", input_ids, settings, seed, join))
+        return apply_add(self.engine, self.generator, input_ids, settings, seed, join)
 
     def _engine_remove(self, row_id: int) -> None:
         if self.mirror is not None:
@@ -505,12 +489,11 @@ class Scheduler:
 # ---- engine operations shared by rank 0 and the ranks that follow it -------------------------------
 
 
-def apply_add(engine: DiffusionEngine, shared_generator, input_ids, attention_mask, settings: dict,
-              seed: int | None) -> list[int]:
+def apply_add(engine: DiffusionEngine, shared_generator, input_ids, settings: dict, seed: int | None,
+              join: bool) -> list[int]:
     device = engine.model.device
     generator = shared_generator if seed is None else torch.Generator(device=device).manual_seed(seed)
-    return engine.add(input_ids.to(device), attention_mask.to(device) if attention_mask is not None else None,
-                      generator=generator, **settings)
+    return engine.add(input_ids.to(device), generator=generator, join=join, **settings)
 
 
 def apply_step(engine: DiffusionEngine, isolate: bool = True) -> list[tuple[Any, Exception]]:
@@ -587,29 +570,11 @@ def _to_cpu(operation: tuple) -> tuple:
 # ---- small helpers ----------------------------------------------------------------------------------
 
 
-def _pad_id(model) -> int:
-    config = model.generation_config
-    for candidate in (config.pad_token_id, model.config.pad_token_id, config.eos_token_id, model.config.eos_token_id):
-        if isinstance(candidate, (list, tuple)):
-            candidate = candidate[0] if candidate else None
-        if candidate is not None and candidate != model.config.mask_token_id:
-            return int(candidate)
-    return 0
-
-
 def _restartable(request: Request) -> bool:
     """Whether decoding the request again from the start gives what its client has already seen: not restarted
     before, no row finished, and its tokens reproducible (greedy, or sampling with its own seed)."""
     reproducible = not request.sampling or request.seed is not None
     return not request._restarted and request.finished_rows == 0 and reproducible and not request.failed
-
-
-def _by_state(rows: list[_Row]) -> list[tuple[Any, list[_Row]]]:
-    """The rows grouped by the engine state that holds them: (state, its rows)."""
-    groups: dict[int, tuple[Any, list[_Row]]] = {}
-    for row in rows:
-        groups.setdefault(id(row.state), (row.state, []))[1].append(row)
-    return list(groups.values())
 
 
 def _read_state(state) -> tuple[list[list[int]], list[bool]]:
