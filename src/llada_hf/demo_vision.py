@@ -33,7 +33,7 @@ its word is trained only in the rows where it happens to be masked. Answers with
 enough, and nothing else tried on one to three seeds each did better (a wider or deeper model, the rotary base, the
 tower's learning rate, lower learning rates, batch 8, four noise samples per answer, ε = 0.1 or 0.5; each 37-73 on
 seeds 0, 1 or 3). What did it: stage 2, whose answers are all one word, masks the whole answer (ε = 0.999: the fully
-masked canvas that decoding starts from, every row a lesson for the word) and runs 12 epochs instead of 8 (both
+masked canvas that decoding starts from, every row a lesson for the word) and runs 16 epochs instead of 8 (both
 models); stage 3, whose chains need partly masked states too, keeps p in [0.5, 1] (ε = 0.5: at 0.999 the chains fell
 apart, at 1e-3 the replayed questions lost ground). Stage 1 keeps LLaDA's 1e-3. benchmarks/RESULTS.md, "The vision
 demo with margin (issue 24)", has every run.
@@ -78,7 +78,7 @@ class VisionDemoSettings:
     heads: int = 4
     vision_hidden_size: int = 32
     vision_layers: int = 2
-    epochs: tuple[int, int, int] = (2, 12, 6)  # per stage (stage 2: 8 before issue 24)
+    epochs: tuple[int, int, int] = (2, 16, 6)  # per stage (stage 2: 8 before issue 24)
     batch_size: int = 16
     learning_rate: tuple[float, float, float] = (1e-3, 1e-3, 1e-3)  # per stage; the tower at 0.2 x in stages 2-3
     # LLaDA-V's noise floor ε per stage: each row's answer tokens are masked with probability p = (1 - ε) t + ε,
