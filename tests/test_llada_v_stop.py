@@ -106,16 +106,26 @@ def test_rows_of_a_batch_stop_on_their_own(stopping):
 
 
 def test_models_with_llada_s_vocabulary_stop_at_the_end_of_turn_by_default(stopping):
-    """As the official demo and evaluation (`stopping_criteria=['<|eot_id|>']`); a model with its own vocabulary has
-    no default stop."""
+    """As the official demo and evaluation (`stopping_criteria=['<|eot_id|>']`); `stop_token_ids=[]` turns it off; a
+    model with its own vocabulary has no default stop."""
     from llada_hf import LladaConfig, LladaVConfig, LladaVForConditionalGeneration
 
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                   patch_size=14, vision_use_head=False)
+    torch.manual_seed(0)
     text = LladaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)  # LLaDA's ids
     model = LladaVForConditionalGeneration(LladaVConfig(text_config=text, vision_config=vision, image_token_id=126400,
                                                         image_grid_pinpoints=[[28, 28]]))
     assert model.generation_config.stop_token_ids == [126348]
     assert model.generation_config.suppress_tokens == [126081, 126080, 126346, 126347]
+    # the end of turn outscores the word the random model answers with, so it is committed first
+    ids = torch.tensor([[126080, 5, 6, 7]])
+    settings = dict(max_new_tokens=8, steps=8, block_length=8)
+    word = int(model.generate(ids, **settings)[0, 4:].mode().values)
+    with torch.no_grad():
+        model.lm_head.weight[126348] = 1.01 * model.lm_head.weight[word]
+    stopped = model.generate(ids, **settings)[0, 4:].tolist()
+    assert 126348 in stopped and stopped[stopped.index(126348) + 1:] == [126081] * (7 - stopped.index(126348))
+    assert model.generate(ids, stop_token_ids=[], **settings)[0, 4:].tolist().count(126348) > 1  # no stop: all filled
     _, own_vocabulary, _ = stopping
     assert own_vocabulary.generation_config.stop_token_ids is None
