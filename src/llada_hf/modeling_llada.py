@@ -406,16 +406,7 @@ class LladaForMaskedDiffusion(DiffusionGenerationMixin, LladaPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)  # [B, kept, vocab]
-
-        return MaskedDiffusionOutput(
-            loss=masked_token_cross_entropy(logits, labels) if labels is not None else None,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        return masked_diffusion_output(self.lm_head, outputs, logits_to_keep, labels)
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """Save weights (safetensors, our Llama-style names), config with `auto_map`, and the bundle's code.
@@ -469,3 +460,16 @@ def masked_token_cross_entropy(logits: torch.Tensor, labels: torch.LongTensor) -
             f"{tuple(labels.shape)}."
         )
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def masked_diffusion_output(lm_head: nn.Module, outputs, logits_to_keep, labels) -> MaskedDiffusionOutput:
+    """The LM head on the kept positions of a body's output (logits [B, kept, vocab]) and, with `labels`, the
+    masked-token loss: the end of both the text model's and LLaDA-V's forward."""
+    logits = lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+    return MaskedDiffusionOutput(
+        loss=masked_token_cross_entropy(logits, labels) if labels is not None else None,
+        logits=logits,
+        cache=outputs.cache,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )

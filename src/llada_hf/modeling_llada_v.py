@@ -21,7 +21,6 @@ from torch import nn
 
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionMultiModalProjector
 from transformers.models.siglip.modeling_siglip import SiglipVisionModel
 from transformers.utils.deprecation import deprecate_kwarg
@@ -37,7 +36,7 @@ from .modeling_llada import (
     LladaPreTrainedModel,
     MaskedDiffusionOutput,
     copy_bundle_files,
-    masked_token_cross_entropy,
+    masked_diffusion_output,
 )
 
 
@@ -398,15 +397,7 @@ class LladaVForConditionalGeneration(DiffusionGenerationMixin, LladaVPreTrainedM
             vision_aspect_ratio=vision_aspect_ratio,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)  # [B, kept, vocab]
-        return MaskedDiffusionOutput(
-            loss=masked_token_cross_entropy(logits, labels) if labels is not None else None,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        return masked_diffusion_output(self.lm_head, outputs, logits_to_keep, labels)
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """Save weights (our names, as the text model: `save_original_format=False`), config with `auto_map`, and
