@@ -87,7 +87,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
                        help="requests waiting beyond the running ones; more get 429 (default: 256)")
     group.add_argument("--max-tokens-limit", type=int, default=None,
                        help="largest max_tokens a request may ask for (default: the model's context)")
-    group.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    group.add_argument("--max-body-bytes", type=int, default=None,
+                       help="largest request body (default: 1 MiB; 16 MiB for LLaDA-V, whose images come in the body)")
     group.add_argument("--batch-wait-ms", type=float, default=20.0,
                        help="when idle, wait up to this long for requests received together with the first one, so "
                             "that they start together; a lone request never waits (default: 20)")
@@ -101,6 +102,19 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-special-tokens", action="store_true",
                        help="tokenize special tokens written in chat messages (<|mdm_mask|>, <|eot_id|>, ...) as "
                             "control tokens; by default message text is text, for clients you do not control")
+    images = parser.add_argument_group("images (LLaDA-V models)")
+    images.add_argument("--max-images", type=int, default=8, help="images per request (default: 8)")
+    images.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                        help="width x height of one image (default: 4096 x 4096)")
+    images.add_argument("--max-image-bytes", type=int, default=10 << 20,
+                        help="encoded bytes of one image; more: 413 (default: 10 MiB)")
+    images.add_argument("--allow-image-urls", action="store_true",
+                        help="fetch http(s) image URLs (off: only data: URLs; the server would fetch any URL a client "
+                             "names, so turn it on only for clients you trust)")
+    images.add_argument("--image-fetch-timeout", type=float, default=10.0,
+                        help="seconds one image fetch may take in all (default: 10)")
+    images.add_argument("--allowed-local-media-path", metavar="FOLDER",
+                        help="read file:// image URLs of files under FOLDER (vLLM's flag; default: none)")
 
 
 # ---- the parser ----------------------------------------------------------------------------------

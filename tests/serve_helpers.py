@@ -135,17 +135,21 @@ class InProcessServer:
 
     def __init__(self, model, tokenizer, api_key=None, defaults=None, max_batch=32, max_queue=256,
                  max_tokens_limit=64, max_body_bytes=1 << 20, step_delay=0.0, batch_wait=0.02,
-                 trust_special_tokens=False):
+                 trust_special_tokens=False, images=None):
+        """`tokenizer`: a text model's tokenizer, or LLaDA-V's processor; `images`: an `ImageLimits`."""
         import uvicorn
 
+        from llada_hf.loading import text_tokenizer
         from llada_hf.serving.app import ServerConfig, create_app
+        from llada_hf.serving.images import ImageLimits
         from llada_hf.serving.scheduler import Scheduler
 
-        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, batch_wait=batch_wait,
-                                   step_delay=step_delay)
+        self.scheduler = Scheduler(model, text_tokenizer(tokenizer), max_batch=max_batch, max_queue=max_queue,
+                                   batch_wait=batch_wait, step_delay=step_delay)
         config = ServerConfig(model_name="tiny", api_key=api_key, defaults=dict(defaults or {}),
                               max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
-                              context=model.config.max_position_embeddings, trust_special_tokens=trust_special_tokens)
+                              context=model.config.get_text_config().max_position_embeddings,
+                              trust_special_tokens=trust_special_tokens, images=images or ImageLimits())
         self.app = create_app(model, tokenizer, self.scheduler, config)
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"

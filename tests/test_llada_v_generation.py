@@ -170,3 +170,25 @@ def test_a_tokenizer_whose_image_id_differs_from_the_config_is_refused_at_load(t
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=rf"gives `<image>` the id {IMAGE_ID}, but the model config expects"):
         AutoProcessor.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kv_cache", [None, "prefix", "dual"])
+def test_the_engine_decodes_llada_v_rows_joining_at_any_step_as_generate_alone(official, processor, kv_cache):
+    """Continuous batching with images (what the server runs): a request that joins a running one after two steps,
+    with another picture and question, gets the tokens `generate` gives it alone; so does the running one."""
+    from llada_hf.decoding_llada import DiffusionEngine
+
+    _, model = official
+    settings = dict(max_new_tokens=8, steps=8, block_length=4, kv_cache=kv_cache)
+    first = _chat_inputs(processor, [_image(70, 40, 0)], "What is in the image?")
+    second = _chat_inputs(processor, [_image(30, 50, 1), _image(44, 44, 2)], "Which one?")
+    alone = [model.generate(**inputs, **settings)[0, inputs["input_ids"].shape[1]:] for inputs in (first, second)]
+    engine = DiffusionEngine(model)
+    [row] = engine.add(**first, **settings)
+    for _ in range(2):
+        engine.step()
+    [joined] = engine.add(**second, **settings)
+    assert len(engine.states) == 1  # the same settings: one state, two cohorts
+    while engine.has_unfinished:
+        engine.step()
+    assert torch.equal(engine.pop(row), alone[0]) and torch.equal(engine.pop(joined), alone[1])

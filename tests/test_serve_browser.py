@@ -106,3 +106,43 @@ def test_the_page_shows_the_answer_being_denoised(browser, model_and_tokenizer, 
         assert second["state"] == "done" and second["text"], second
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     print(f"screenshots: {tmp_path}")
+
+
+def test_the_page_sends_a_picked_image_to_a_llada_v_server(browser, tmp_path):
+    """A LLaDA-V server's page shows the image picker; a picked picture goes with the question (as a data: URL) and
+    the answer equals the API's answer for the same picture and question."""
+    import base64
+
+    from llada_v_helpers import tiny_processor, write_official_checkpoint
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    from transformers import AutoModel
+
+    write_official_checkpoint(tmp_path / "llada-v")
+    model = AutoModel.from_pretrained(tmp_path / "llada-v").eval()
+    picture = tmp_path / "picture.png"
+    Image.effect_noise((60, 40), 60).convert("RGB").save(picture)
+    with InProcessServer(model, tiny_processor(), step_delay=0.02) as server:
+        browser.get(server.url + "/")
+        wait_for(lambda: browser.find_element(By.ID, "model").text == "tiny", timeout=30)
+        assert browser.find_element(By.ID, "image-row").is_displayed()
+        for name, value in (("max_tokens", "8"), ("steps", "8"), ("block_length", "4")):
+            field = browser.find_element(By.ID, name)
+            field.clear()
+            field.send_keys(value)
+        browser.find_element(By.ID, "image").send_keys(str(picture))
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#attachments .thumb"), timeout=10)
+        ask(browser, "What is in the image?")
+        done = wait_for(lambda: answers(browser) and answers(browser)[0]["state"] in ("done", "error")
+                        and answers(browser)[0])
+        assert done["state"] == "done", done
+        assert browser.find_elements(By.CSS_SELECTOR, ".msg.user .thumb")
+        assert not browser.find_elements(By.CSS_SELECTOR, "#attachments .thumb")  # sent: the picker is empty again
+        url = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in the image?"}]
+        body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "steps": 8,
+                "block_length": 4, "temperature": 0}
+        status, _, reply = request_json(server.url + "/v1/chat/completions", body)
+        assert status == 200 and done["text"] == reply["choices"][0]["message"]["content"]
+        browser.save_screenshot(str(tmp_path / "serve-vision.png"))

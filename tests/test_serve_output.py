@@ -2,6 +2,7 @@
 decoded a few tokens at a time, stop strings, drafts), one device-to-host copy per state per step, requests turned
 into `generate` settings and checked without a dry run, and handlers called without the app."""
 
+import asyncio
 import json
 import threading
 
@@ -148,9 +149,9 @@ def test_handlers_work_without_the_app(model, tokenizer):
     body = ChatCompletionRequest.model_validate_json(json.dumps({"model": "tiny", "messages": [
         {"role": "user", "content": content}]}))
     with pytest.raises(OpenAIError, match="takes no images") as error:
-        chat.prompts(body, {"max_new_tokens": 8})
+        asyncio.run(chat.prompts(body, {"max_new_tokens": 8}))
     assert error.value.param == "messages"
     completion = CompletionHandler(model, tokenizer, scheduler, config)
     body = CompletionRequest.model_validate_json(json.dumps({"model": "tiny", "prompt": ["a", "b"], "n": 2}))
     with pytest.raises(OpenAIError, match="exceed this server's batch"):
-        completion.prompts(body, {"max_new_tokens": 8})
+        asyncio.run(completion.prompts(body, {"max_new_tokens": 8}))

@@ -689,8 +689,11 @@ class DiffusionDecodingState:
 
     @functools.cached_property
     def _settings(self) -> dict:
-        """The call's settings, to compare states (made once: a config's dict is a deep copy)."""
-        return self.config.to_dict()
+        """The call's settings, to compare states (made once: a config's dict is a deep copy). Not
+        `num_return_sequences`: the rows are repeated already, and each decodes as any other row."""
+        settings = self.config.to_dict()
+        settings.pop("num_return_sequences", None)
+        return settings
 
     def _stands_alone(self) -> bool:
         return (self.streamer is None and not self.logits_processor and self.stopping_criteria is None

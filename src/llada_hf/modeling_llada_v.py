@@ -27,6 +27,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_llada import LladaConfig, check_token_ids
 from .configuration_llada_v import LladaVConfig
+from .decoding_llada import DiffusionDecodingState
 from .generation_llada import LLADA_EOT_TOKEN_ID, DiffusionGenerationMixin
 from .geometry_llada_v import CROP, CROP_ROW, ImageGeometry
 from .modeling_llada import (
@@ -350,15 +351,33 @@ class LladaVForConditionalGeneration(DiffusionGenerationMixin, LladaVPreTrainedM
             torch.Size([1, 24])
             ```
         """
+        output = super().generate(input_ids, attention_mask, pixel_values=pixel_values, image_sizes=image_sizes,
+                                  batch_num_images=batch_num_images, **kwargs)
+        return output if input_ids is None else _with_prompt(input_ids, output)
+
+    def prepare_decoding(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | list | None = None,
+        batch_num_images: torch.Tensor | list | None = None,
+        **kwargs,
+    ) -> DiffusionDecodingState:
+        """The text model's `prepare_decoding` from the prompt's embeddings: the images go through the vision tower
+        here, once (`embed_multimodal`), and every later step reads the embedded prompt. So `generate`, the
+        `DiffusionEngine` (continuous batching) and the server decode LLaDA-V as they decode text; the state's
+        outputs are the answer alone (the prompt holds no ids)."""
         if input_ids is None:
-            return super().generate(attention_mask=attention_mask, **kwargs)
+            if pixel_values is not None:
+                raise ValueError("`pixel_values` need the `input_ids` that hold their placeholders.")
+            return super().prepare_decoding(None, attention_mask, **kwargs)
         if not torch.is_tensor(input_ids):
             raise TypeError(f"`input_ids` must be a tensor (the processor's output), got {type(input_ids).__name__}.")
-        inputs_embeds = self.model.embed_multimodal(
-            input_ids, pixel_values, image_sizes, batch_num_images
-        )  # [B, P, D]
-        output = super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
-        return _with_prompt(input_ids, output)
+        if kwargs.pop("inputs_embeds", None) is not None:
+            raise ValueError("Pass the prompt as `input_ids` or as `inputs_embeds`, not both.")
+        inputs_embeds = self.model.embed_multimodal(input_ids, pixel_values, image_sizes, batch_num_images)
+        return super().prepare_decoding(None, attention_mask, inputs_embeds=inputs_embeds, **kwargs)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

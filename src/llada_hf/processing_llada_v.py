@@ -192,11 +192,23 @@ class LladaVProcessor(ProcessorMixin):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """The placeholders of image `image_idx`: one per feature the model will put there."""
+        counts = self.image_token_counts(image_inputs["image_sizes"], image_inputs["batch_num_images"])
+        return self.image_token * counts[image_idx]
+
+    def image_inputs(self, images: list) -> dict:
+        """`pixel_values`, `image_sizes` and `batch_num_images` (tensors) of ONE prompt's images, packed as `__call__`
+        packs them. With `image_token_counts`, for callers that tokenize the prompt themselves (one `<image>` per
+        image) and expand each `<image>` into its placeholders (the server does, to keep message text as text)."""
+        processed, _ = self._process_images([official_rgb(list(images))], return_tensors="pt")
+        return {key: processed[key] for key in ("pixel_values", "image_sizes", "batch_num_images")}
+
+    def image_token_counts(self, image_sizes, batch_num_images) -> list[int]:
+        """The placeholders (= image features) of each image, from the processor's `image_sizes` and
+        `batch_num_images`: what one `<image>` of the prompt becomes."""
         geometry = self.image_geometry
-        layout = geometry.layouts([int(n) for n in image_inputs["batch_num_images"]])[image_idx]
-        size = image_inputs["image_sizes"][image_idx]
-        size = tuple(int(v) for v in (size.tolist() if hasattr(size, "tolist") else size))
-        return self.image_token * geometry.num_tokens(size, layout)
+        layouts = geometry.layouts([int(n) for n in batch_num_images])
+        sizes = [tuple(int(v) for v in (size.tolist() if hasattr(size, "tolist") else size)) for size in image_sizes]
+        return [geometry.num_tokens(size, layout) for size, layout in zip(sizes, layouts)]
 
 
 def group_images(images, text):

@@ -112,12 +112,16 @@ def set_mask_token(tokenizer, mask_token_id: int | None) -> None:
         tokenizer.mask_token = token
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict], trust_special_tokens: bool = False) -> list[int]:
-    """Token ids of `messages` in the tokenizer's chat template, with a generation prompt.
+def chat_prompt_ids(tokenizer, messages: list[dict], trust_special_tokens: bool = False,
+                    chat_template: str | None = None) -> list[int]:
+    """Token ids of `messages` in the chat template (the tokenizer's, or `chat_template`), with a generation prompt.
 
     Special tokens come only from the template: text in a message that spells one (`<|mdm_mask|>`, `<|eot_id|>`,
     ...) is tokenized as plain text, so a client cannot inject masks (which would be infilled) or fake turns.
-    `trust_special_tokens=True` tokenizes message text as the template's own text (for trusted callers).
+    `trust_special_tokens=True` tokenizes message text as the template's own text (for trusted callers). A message's
+    content is a string, or a list of parts (`{"type": "text", "text": ...}`, `{"type": "image"}`) for a template that
+    renders images, such as LLaDA-V's (`chat_template=processor.chat_template`): each image part becomes the
+    template's `<image>` token.
 
     Example:
         ```python
@@ -128,24 +132,64 @@ def chat_prompt_ids(tokenizer, messages: list[dict], trust_special_tokens: bool 
         False
         ```
     """
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    specials = [token for token in tokenizer.all_special_tokens if token]
-    contents = [m.get("content") for m in messages]
-    if trust_special_tokens or not any(isinstance(c, str) and any(s in c for s in specials) for c in contents):
+    def render(conversation: list[dict]) -> str:
+        return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
+                                             chat_template=chat_template)
+
+    text = render(messages)
+    written = [part for message in messages for part in _written_text(message.get("content"))]
+    specials = _special_tokens(tokenizer)
+    if trust_special_tokens or not any(special in part for part in written for special in specials):
         return tokenizer(text, add_special_tokens=False).input_ids
-    # Render the template around placeholders, then tokenize its own text and the messages' text separately.
-    marks = [(f"\ue000{i}\ue001", c) for i, c in enumerate(contents)]
-    framed = [dict(m, content=f" {mark} ") if isinstance(c, str) else m for m, (mark, c) in zip(messages, marks)]
-    rest = tokenizer.apply_chat_template(framed, add_generation_prompt=True, tokenize=False)
-    ids = []
-    for mark, content in marks:
-        if not isinstance(content, str):
-            continue
-        head, _, rest = rest.partition(mark)
-        if head.endswith(" ") and rest.startswith(" "):  # the template kept the content as it is
-            head, rest = head[:-1], rest[1:]
-        else:  # the template trims content (LLaDA's does): trim it the same way
-            content = content.strip()
-        ids += tokenizer(head, add_special_tokens=False).input_ids
-        ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True).input_ids
-    return ids + tokenizer(rest, add_special_tokens=False).input_ids
+    # Render the template around placeholders: its own text is tokenized with its special tokens, the written text
+    # as plain text. The real rendering says what the template kept of each written piece (LLaDA's trims it).
+    marks = iter(range(len(written)))
+    framed = render([dict(message, content=_marked(message.get("content"), marks)) for message in messages])
+    pieces = [framed]
+    for index in range(len(written)):
+        pieces[-1:] = pieces[-1].split(_mark(index), 1)
+    ids, position = [], 0
+    for index, piece in enumerate(pieces):
+        ids += tokenizer(piece, add_special_tokens=False).input_ids
+        position += len(piece)
+        if index == len(written):
+            break
+        after = pieces[index + 1]
+        part = written[index]
+        kept = next((kept for kept in (part, part.rstrip(), part.lstrip(), part.strip())
+                     if text.startswith(kept + after, position)), None)
+        if kept is None:
+            raise ValueError("The chat template changes the text of the messages, so their special tokens cannot be "
+                             "kept as text; pass `trust_special_tokens=True` or remove the special tokens.")
+        ids += tokenizer(kept, add_special_tokens=False, split_special_tokens=True).input_ids
+        position += len(kept)
+    return ids
+
+
+def _special_tokens(tokenizer) -> set[str]:
+    """Every token the tokenizer reads as a control token: the named ones and the added special ones (`<image>`)."""
+    added = [token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special]
+    return {token for token in [*tokenizer.all_special_tokens, *added] if token}
+
+
+def _written_text(content) -> list[str]:
+    """The text a message's author wrote: its content string, or its text parts."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [part["text"] for part in content if isinstance(part, dict) and part.get("type") == "text"]
+    return []
+
+
+def _mark(index: int) -> str:
+    return f"\ue000{index}\ue001"  # private-use characters: no template trims or changes them
+
+
+def _marked(content, marks):
+    """The content with each piece of written text replaced by the next placeholder."""
+    if isinstance(content, str):
+        return _mark(next(marks))
+    if isinstance(content, list):
+        return [dict(part, text=_mark(next(marks))) if isinstance(part, dict) and part.get("type") == "text" else part
+                for part in content]
+    return content

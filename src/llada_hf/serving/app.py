@@ -14,7 +14,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .handlers import Authorization, ChatCompletionHandler, CompletionHandler, ServerConfig, ServerInfo
+from ..loading import is_vision_processor, text_tokenizer
+from .handlers import (
+    Authorization,
+    ChatCompletionHandler,
+    CompletionHandler,
+    ServerConfig,
+    ServerInfo,
+    VisionChatCompletionHandler,
+)
 from .middleware import BodyLimit, CountPreparing
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from .scheduler import Scheduler
@@ -23,8 +31,9 @@ from .scheduler import Scheduler
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(model, tokenizer, scheduler: Scheduler, config: ServerConfig) -> FastAPI:
-    """The app; its lifespan starts the scheduler's thread and stops it."""
+def create_app(model, processor, scheduler: Scheduler, config: ServerConfig) -> FastAPI:
+    """The app of a text model (`processor`: its tokenizer) or of LLaDA-V (its `LladaVProcessor`: chat messages may
+    hold images); its lifespan starts the scheduler's thread and stops it."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -41,9 +50,10 @@ def create_app(model, tokenizer, scheduler: Scheduler, config: ServerConfig) -> 
     app.add_middleware(CountPreparing, scheduler=scheduler)
     _answer_errors_as_openai(app)
     authorized = [Depends(Authorization(config.api_key))]
-    info = ServerInfo(model, scheduler, config)
-    chat = ChatCompletionHandler(model, tokenizer, scheduler, config)
-    completion = CompletionHandler(model, tokenizer, scheduler, config)
+    vision = is_vision_processor(processor)
+    info = ServerInfo(model, scheduler, config, takes_images=vision)
+    chat = (VisionChatCompletionHandler if vision else ChatCompletionHandler)(model, processor, scheduler, config)
+    completion = CompletionHandler(model, text_tokenizer(processor), scheduler, config)
 
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(body: ChatCompletionRequest, http: Request):

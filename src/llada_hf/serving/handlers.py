@@ -3,8 +3,8 @@
 - `Authorization`: the API key check of /v1/* and /metrics (a FastAPI dependency).
 - `ServerInfo`: `GET /health`, `GET /v1/models`, `GET /metrics` (Prometheus text format).
 - `ChatCompletionHandler`, `CompletionHandler`: `POST /v1/chat/completions` and `POST /v1/completions`: check the
-  body, turn it into `generate` settings and prompt ids, queue one engine request per prompt, and answer with the
-  engine's events (`responses.Answers`).
+  body, turn it into `generate` settings and prompts, queue one engine request per prompt, and answer with the
+  engine's events (`responses.Answers`). `VisionChatCompletionHandler` (LLaDA-V) also takes `image_url` parts.
 
 Each is built once with what it needs (model, tokenizer, scheduler, `ServerConfig`: what the server enforces) and
 can be called without the app.
@@ -14,14 +14,15 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..tokenization import chat_prompt_ids
+from .images import ImageLimits, check_image_count, read_image
 from .middleware import CountPreparing
-from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, check_generate_kwargs
+from .protocol import ChatCompletionRequest, CompletionRequest, ImagePart, OpenAIError, TextPart, check_generate_kwargs
 from .responses import Answers
 from .scheduler import QueueFull, Scheduler, ShuttingDown
 from .scheduler import Request as EngineRequest
@@ -42,6 +43,7 @@ class ServerConfig:
             as control tokens. Off by default: message text is text, special tokens come only from the chat template
             (a client cannot inject masks or fake turns). /v1/completions takes its prompt as the client wrote
             it, control tokens included: it is the raw-prompt endpoint.
+        images: what a request may send as images (LLaDA-V servers).
     """
 
     model_name: str
@@ -51,6 +53,15 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     context: int | None = None
     trust_special_tokens: bool = False
+    images: ImageLimits = field(default_factory=ImageLimits)
+
+
+@dataclass
+class Prompt:
+    """One prompt of a request: its ids, and the other inputs of the model (LLaDA-V: `pixel_values`, ...)."""
+
+    ids: list[int]
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 class Authorization:
@@ -71,9 +82,10 @@ class Authorization:
 class ServerInfo:
     """What the server is and how it is doing: health (and the page's defaults), the model list, the metrics."""
 
-    def __init__(self, model, scheduler: Scheduler, config: ServerConfig):
+    def __init__(self, model, scheduler: Scheduler, config: ServerConfig, takes_images: bool = False):
         self.scheduler = scheduler
         self.config = config
+        self.takes_images = takes_images
         self.defaults = _public_defaults(model, config)
         self.created = int(time.time())
 
@@ -81,8 +93,16 @@ class ServerInfo:
         draining = self.scheduler.draining
         body = {"status": "shutting_down" if draining else "ok", "model": self.config.model_name,
                 "queued": self.scheduler.queued, "running": self.scheduler.running_rows,
-                "auth": self.config.api_key is not None, "defaults": self.defaults, "world_size": _world_size()}
+                "auth": self.config.api_key is not None, "defaults": self.defaults, "world_size": _world_size(),
+                "images": self._image_limits()}
         return JSONResponse(body, status_code=503 if draining else 200)
+
+    def _image_limits(self) -> dict | None:
+        """What the page may send as images (None: a text model)."""
+        if not self.takes_images:
+            return None
+        limits = self.config.images
+        return {"max_images": limits.max_images, "max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels}
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": self.created,
@@ -111,7 +131,7 @@ class _CompletionHandler:
         settings = body.to_generate_kwargs(self.defaults)
         self.check_length(settings)
         stop = body.stop_strings()
-        prompts = self.prompts(body, settings)
+        prompts = await self.prompts(body, settings)
         check_generate_kwargs(self.model, settings)
         queue: asyncio.Queue = asyncio.Queue()
         await asyncio.sleep(0)  # requests that arrived with this one enter the app (and are counted) first
@@ -119,14 +139,15 @@ class _CompletionHandler:
             requests = self.submit(body, prompts, settings, stop, queue)
         finally:
             CountPreparing.done(http.scope, self.scheduler)
-        answers = Answers(self.kind, body, sum(len(ids) for ids in prompts), requests, self.config.model_name)
+        answers = Answers(self.kind, body, sum(len(prompt.ids) for prompt in prompts), requests,
+                          self.config.model_name)
         if body.stream:
             return StreamingResponse(answers.stream(queue), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await answers.collect(queue, http)
 
-    def prompts(self, body, settings: dict) -> list[list[int]]:
-        """The prompt ids of the request (checked)."""
+    async def prompts(self, body, settings: dict) -> list[Prompt]:
+        """The prompts of the request (checked)."""
         raise NotImplementedError
 
     # ---- checks ---------------------------------------------------------------------------------
@@ -166,20 +187,20 @@ class _CompletionHandler:
 
     # ---- queueing ---------------------------------------------------------------------------------
 
-    def submit(self, body, prompts: list[list[int]], settings: dict, stop: list[str],
+    def submit(self, body, prompts: list[Prompt], settings: dict, stop: list[str],
                queue: asyncio.Queue) -> list[EngineRequest]:
         """One engine request per prompt (`n` rows each), whose events come to `queue` on this event loop; all or
         none are queued (429 when the queue is full, 503 while shutting down)."""
         loop = asyncio.get_running_loop()
         requests = []
         try:
-            for number, ids in enumerate(prompts):
+            for number, prompt in enumerate(prompts):
                 def sink(event, base=number * body.n):
                     loop.call_soon_threadsafe(queue.put_nowait, (base, event))
 
                 requests.append(self.scheduler.submit(EngineRequest(
-                    ids, dict(settings), n=body.n, seed=body.seed, stop=stop, stream=body.stream,
-                    drafts=body.stream and body.drafts, sink=sink)))
+                    prompt.ids, dict(settings), inputs=prompt.inputs, n=body.n, seed=body.seed, stop=stop,
+                    stream=body.stream, drafts=body.stream and body.drafts, sink=sink)))
         except QueueFull as error:
             self._cancel(requests)
             raise OpenAIError(429, str(error), code="rate_limit_exceeded",
@@ -200,18 +221,53 @@ class ChatCompletionHandler(_CompletionHandler):
 
     kind = "chat"
 
-    def prompts(self, body: ChatCompletionRequest, settings: dict) -> list[list[int]]:
+    async def prompts(self, body: ChatCompletionRequest, settings: dict) -> list[Prompt]:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise OpenAIError(400, "This model's tokenizer has no chat template; use /v1/completions.",
                               param="messages")
         if any(message.has_images() for message in body.messages):
             raise OpenAIError(400, "This model takes no images: it is a text model. Send text content only.",
                               param="messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [{"role": _role(m.role), "content": m.text()} for m in body.messages]
         ids = chat_prompt_ids(self.tokenizer, messages, trust_special_tokens=self.config.trust_special_tokens)
         self.check_prompt(ids, settings)
-        return [ids]
+        return [Prompt(ids)]
+
+
+class VisionChatCompletionHandler(ChatCompletionHandler):
+    """`POST /v1/chat/completions` for LLaDA-V: text and `image_url` parts, in LLaDA-V's chat format.
+
+    The images are read within the server's `ImageLimits` and packed by the processor off the event loop; each
+    `<image>` of the prompt becomes its placeholders (`image_token_counts`). The vision tower runs once per request,
+    in the engine (`LladaVForConditionalGeneration.prepare_decoding`), however many choices (`n`) it asks for.
+    """
+
+    def __init__(self, model, processor, scheduler: Scheduler, config: ServerConfig):
+        super().__init__(model, processor.tokenizer, scheduler, config)
+        self.processor = processor
+        self.image_token_id = processor.image_token_id
+
+    async def prompts(self, body: ChatCompletionRequest, settings: dict) -> list[Prompt]:
+        messages, urls = _vision_messages(body)
+        check_image_count(len(urls), self.config.images)
+        ids = chat_prompt_ids(self.tokenizer, messages, trust_special_tokens=self.config.trust_special_tokens,
+                              chat_template=self.processor.chat_template)  # one `<image>` per image
+        if ids.count(self.image_token_id) != len(urls):
+            raise OpenAIError(400, f"The messages spell `{self.processor.image_token}` themselves; send images as "
+                                   "`image_url` parts.", param="messages")
+        if not urls:
+            self.check_prompt(ids, settings)
+            return [Prompt(ids)]
+        inputs = await asyncio.to_thread(self._image_inputs, urls)
+        counts = iter(self.processor.image_token_counts(inputs["image_sizes"], inputs["batch_num_images"]))
+        ids = [expanded for token in ids
+               for expanded in ([token] * next(counts) if token == self.image_token_id else [token])]
+        self.check_prompt(ids, settings)
+        return [Prompt(ids, inputs)]
+
+    def _image_inputs(self, urls: list[str]) -> dict:
+        images = [read_image(url, self.config.images) for url in urls]
+        return self.processor.image_inputs(images)
 
 
 class CompletionHandler(_CompletionHandler):
@@ -219,7 +275,7 @@ class CompletionHandler(_CompletionHandler):
 
     kind = "text"
 
-    def prompts(self, body: CompletionRequest, settings: dict) -> list[list[int]]:
+    async def prompts(self, body: CompletionRequest, settings: dict) -> list[Prompt]:
         prompts = [self.tokenizer(prompt, add_special_tokens=False).input_ids if isinstance(prompt, str) else prompt
                    for prompt in body.prompts()]
         for ids in prompts:
@@ -229,7 +285,43 @@ class CompletionHandler(_CompletionHandler):
         if len(prompts) * body.n > self.scheduler.max_batch:
             raise OpenAIError(400, f"{len(prompts)} prompts x n={body.n} exceed this server's batch "
                                    f"({self.scheduler.max_batch} rows).", param="prompt")
-        return prompts
+        return [Prompt(ids) for ids in prompts]
+
+
+def _role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+def _vision_messages(body: ChatCompletionRequest) -> tuple[list[dict], list[str]]:
+    """The messages with LLaDA-V's content parts (`{"type": "image"}` where an image goes, adjacent text parts
+    joined), and the images' URLs in prompt order."""
+    messages, urls = [], []
+    for message in body.messages:
+        if not isinstance(message.content, list):
+            messages.append({"role": _role(message.role), "content": message.text()})
+            continue
+        parts = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                if parts and parts[-1]["type"] == "text":
+                    parts[-1]["text"] += part.text
+                else:
+                    parts.append({"type": "text", "text": part.text})
+            else:
+                urls.append(_image_url(part))
+                parts.append({"type": "image"})
+        messages.append({"role": _role(message.role), "content": parts})
+    return messages, urls
+
+
+def _image_url(part: ImagePart) -> str:
+    unknown = sorted(set(part.image_url) - {"url", "detail"})
+    if unknown:
+        raise OpenAIError(400, f"Unrecognized image_url field: {unknown[0]}.", param="messages")
+    url = part.image_url.get("url")
+    if not isinstance(url, str) or not url:
+        raise OpenAIError(400, "An image_url part needs `url`: a data: URL (base64) or a URL.", param="messages")
+    return url
 
 
 # ---- small helpers ---------------------------------------------------------------------------------

@@ -80,11 +80,12 @@ def _no_sink(event: Event) -> None:
 
 @dataclass
 class Request:
-    """One request: `n` rows (choices) of the same prompt, decoded with `settings` (any `generate` keyword); each
-    answer ends before the first of the `stop` strings."""
+    """One request: `n` rows (choices) of the same prompt (its ids and the model's other `inputs`), decoded with
+    `settings` (any `generate` keyword); each answer ends before the first of the `stop` strings."""
 
     prompt_ids: list[int]
     settings: dict[str, Any]
+    inputs: dict[str, Any] = field(default_factory=dict)  # the model's other inputs (LLaDA-V: `pixel_values`, ...)
     n: int = 1
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -178,7 +179,7 @@ class Scheduler:
         if end_token_ids is None:
             end_token_ids = find_end_token_ids(tokenizer, model.generation_config)
         self.end_token_ids = set(end_token_ids)
-        self.pieces = TokenPieces(tokenizer, model.config.mask_token_id)
+        self.pieces = TokenPieces(tokenizer, model.config.get_text_config().mask_token_id)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait = batch_wait
@@ -330,12 +331,13 @@ class Scheduler:
             self._add(request)
 
     def _add(self, request: Request) -> None:
-        """Add the request's `n` rows (its prompt, repeated) to the engine; a request started again after a failed
-        step decodes in a state of its own, so that a request that cannot run fails alone."""
-        input_ids = torch.tensor([request.prompt_ids] * request.n, dtype=torch.long)
+        """Add the request's `n` rows (its prompt, prepared once and repeated) to the engine; a request started again
+        after a failed step decodes in a state of its own, so that a request that cannot run fails alone."""
+        input_ids = torch.tensor([request.prompt_ids], dtype=torch.long)
+        settings = {**request.settings, **request.inputs, "num_return_sequences": request.n}
         seed = request.seed if request.sampling else None  # a sampling request with a seed: a generator of its own
         try:
-            row_ids = self._engine_add(input_ids, request.settings, seed, join=not request._restarted)
+            row_ids = self._engine_add(input_ids, settings, seed, join=not request._restarted)
         except Exception as error:  # bad settings slipped through validation, or no memory for the prompt
             self._fail(request, _status_of(error), _message_of(error))
             return
@@ -425,9 +427,9 @@ class Scheduler:
         self.stats.finished_row(len(output.ids))
         # a stream has had the text before `last_text`; a request that does not stream gets all of it now
         text = last_text if row.request.stream else output.text
+        self._row_done(row)  # counted before the client hears of it: /metrics never lags behind an answer
         self._send(row.request, Event("finished", row.index, text=text, finish_reason=output.finish_reason,
                                       answer=list(output.ids), nfe=row.nfe))
-        self._row_done(row)
 
     def _row_done(self, row: _Row) -> None:
         request = row.request
@@ -491,9 +493,17 @@ class Scheduler:
 
 def apply_add(engine: DiffusionEngine, shared_generator, input_ids, settings: dict, seed: int | None,
               join: bool) -> list[int]:
-    device = engine.model.device
-    generator = shared_generator if seed is None else torch.Generator(device=device).manual_seed(seed)
-    return engine.add(input_ids.to(device), generator=generator, join=join, **settings)
+    model = engine.model
+    generator = shared_generator if seed is None else torch.Generator(device=model.device).manual_seed(seed)
+    settings = {name: _on_device(value, model) for name, value in settings.items()}
+    return engine.add(input_ids.to(model.device), generator=generator, join=join, **settings)
+
+
+def _on_device(value, model):
+    """A model input (LLaDA-V's `pixel_values`, ...) on the model's device, pixels in its dtype."""
+    if not torch.is_tensor(value):
+        return value
+    return value.to(model.device, dtype=model.dtype if value.is_floating_point() else value.dtype)
 
 
 def apply_step(engine: DiffusionEngine, isolate: bool = True) -> list[tuple[Any, Exception]]:

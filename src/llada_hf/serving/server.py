@@ -17,8 +17,11 @@ logger = logging.getLogger("llada_hf.serve")
 
 
 def check_serve_args(args: argparse.Namespace) -> None:
-    for name in ("max_batch", "max_queue", "max_body_bytes", "port"):
+    for name in ("max_batch", "max_queue", "max_body_bytes", "port", "max_images", "max_image_pixels",
+                 "max_image_bytes"):
         value = getattr(args, name)
+        if name == "max_body_bytes" and value is None:  # the default: by the model's kind
+            continue
         if value is None or value < (0 if name == "port" else 1):
             raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
     if args.port > 65535:
@@ -28,6 +31,10 @@ def check_serve_args(args: argparse.Namespace) -> None:
     for name in ("batch_wait_ms", "step_delay", "shutdown_grace"):
         if getattr(args, name) < 0:
             raise CliError(f"--{name.replace('_', '-')} must be >= 0.")
+    if not args.image_fetch_timeout > 0:
+        raise CliError(f"--image-fetch-timeout must be > 0 seconds, got {args.image_fetch_timeout}.")
+    if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
+        raise CliError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder.")
     if args.tensor_parallel and "WORLD_SIZE" not in os.environ:
         raise CliError("--tensor-parallel runs under torchrun: torchrun --nproc_per_node N -m llada_hf.cli serve ...")
 
@@ -42,19 +49,26 @@ def is_loopback(host: str) -> bool:
 
 
 def load_for_serving(args: argparse.Namespace):
-    """(model, tokenizer) of a text model folder; sharded with tensor parallelism under torchrun when asked."""
+    """(model, tokenizer) of a text model folder, or (model, processor) of a LLaDA-V folder; a text model is sharded
+    with tensor parallelism under torchrun when asked."""
     import torch
 
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     import llada_hf  # noqa: F401  (registers the Auto classes)
 
-    from ..loading import check_generation_args, check_model_path
+    from ..loading import check_generation_args, check_model_path, load_model_and_processor
 
     check_model_path(args.model)
     model_type = AutoConfig.from_pretrained(args.model).model_type
-    if model_type != "llada":
-        raise CliError(f"{args.model}: `llada-hf serve` serves text models (model_type 'llada'), not {model_type!r}.")
+    if model_type not in ("llada", "llada_v"):
+        raise CliError(f"{args.model}: `llada-hf serve` serves LLaDA (model_type 'llada') and LLaDA-V ('llada_v') "
+                       f"models, not {model_type!r}.")
+    if model_type == "llada_v":
+        if args.tensor_parallel:
+            raise CliError("--tensor-parallel serves text models; serve LLaDA-V on one device.")
+        check_generation_args(args)
+        return load_model_and_processor(args.model, args.dtype, args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.padding_side = "left"
     if args.tensor_parallel:
@@ -84,7 +98,9 @@ def run_from_args(args: argparse.Namespace) -> None:
                        f"checkout ({error}).") from None
     check_serve_args(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    model, tokenizer = load_for_serving(args)
+    model, processor = load_for_serving(args)
+    from ..loading import is_vision_processor, text_tokenizer
+    from .images import ImageLimits
     from .scheduler import RankMirror, Scheduler, follow
 
     mirror = None
@@ -97,33 +113,39 @@ def run_from_args(args: argparse.Namespace) -> None:
 
             follow(DiffusionEngine(model), mirror, seed=args.seed)
             return
-    scheduler = Scheduler(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+    scheduler = Scheduler(model, text_tokenizer(processor), max_batch=args.max_batch, max_queue=args.max_queue,
                           batch_wait=args.batch_wait_ms / 1000, step_delay=args.step_delay, seed=args.seed,
                           mirror=mirror)
-    serve(model, tokenizer, scheduler, host=args.host, port=args.port, api_key=args.api_key,
+    images = ImageLimits(max_images=args.max_images, max_pixels=args.max_image_pixels, max_bytes=args.max_image_bytes,
+                         allow_urls=args.allow_image_urls, fetch_timeout=args.image_fetch_timeout,
+                         local_folder=args.allowed_local_media_path)
+    max_body_bytes = args.max_body_bytes or (16 << 20 if is_vision_processor(processor) else 1 << 20)
+    serve(model, processor, scheduler, host=args.host, port=args.port, api_key=args.api_key,
           model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
           defaults=generation_kwargs(args), max_tokens_limit=args.max_tokens_limit,
-          max_body_bytes=args.max_body_bytes, shutdown_grace=args.shutdown_grace, log_level=args.log_level,
-          trust_special_tokens=args.trust_special_tokens)
+          max_body_bytes=max_body_bytes, shutdown_grace=args.shutdown_grace, log_level=args.log_level,
+          trust_special_tokens=args.trust_special_tokens, images=images)
 
 
-def serve(model, tokenizer, scheduler, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def serve(model, processor, scheduler, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str = "llada", defaults: dict | None = None, max_tokens_limit: int | None = None,
           max_body_bytes: int = 1 << 20, shutdown_grace: float = 10.0, log_level: str = "info",
-          trust_special_tokens: bool = False) -> None:
-    """Serve `model` with uvicorn until SIGINT/SIGTERM; on the signal, running answers get `shutdown_grace`
-    seconds to finish, then are cancelled (their clients get an error), and the process exits."""
+          trust_special_tokens: bool = False, images=None) -> None:
+    """Serve `model` (`processor`: a text model's tokenizer, or LLaDA-V's processor) with uvicorn until
+    SIGINT/SIGTERM; on the signal, running answers get `shutdown_grace` seconds to finish, then are cancelled (their
+    clients get an error), and the process exits. `images`: an `ImageLimits` (LLaDA-V; default: its defaults)."""
     import uvicorn
 
     from .app import ServerConfig, create_app
+    from .images import ImageLimits
 
     if not is_loopback(host) and api_key is None:
         logger.warning("Serving on %s without --api-key: anyone who can reach this address can use the model.", host)
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     config = ServerConfig(model_name=model_name, api_key=api_key, defaults=dict(defaults or {}),
                           max_tokens_limit=max_tokens_limit or context or 4096, max_body_bytes=max_body_bytes,
-                          context=context, trust_special_tokens=trust_special_tokens)
-    app = create_app(model, tokenizer, scheduler, config)
+                          context=context, trust_special_tokens=trust_special_tokens, images=images or ImageLimits())
+    app = create_app(model, processor, scheduler, config)
     uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                     timeout_graceful_shutdown=shutdown_grace + 5)
     GracefulServer(uvicorn_config, scheduler, shutdown_grace).run()

@@ -4,7 +4,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, messages: [], busy: false };
+const state = { model: null, messages: [], busy: false, images: null, attached: [] };
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -29,16 +29,26 @@ async function loadInfo() {
       if (d[name] !== null && d[name] !== undefined) $(name).value = d[name];
     }
     if (d.kv_cache) $("kv_cache").value = d.kv_cache;
+    state.images = info.images;  // the image limits of a LLaDA-V server; null for a text model
+    $("image-row").hidden = !info.images;
   } catch (error) {
     $("status").textContent = "unreachable";
     $("status").className = "status bad";
   }
 }
 
-function addMessage(role, text) {
+function thumbnail(url) {
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.src = url;
+  return img;
+}
+
+function addMessage(role, text, images = []) {
   const div = document.createElement("div");
   div.className = "msg " + role;
-  if (text !== undefined) div.textContent = text;
+  for (const url of images) div.appendChild(thumbnail(url));
+  if (text !== undefined) div.appendChild(document.createTextNode(text));
   $("messages").appendChild(div);
   div.scrollIntoView({ block: "end" });
   return div;
@@ -105,11 +115,53 @@ async function* events(response) {
   }
 }
 
+// Attached images travel as data: URLs in OpenAI `image_url` parts, before the text (LLaDA-V's prompt order).
+function readAsDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function showAttachments(note) {
+  const box = $("attachments");
+  box.textContent = "";
+  for (const url of state.attached) box.appendChild(thumbnail(url));
+  if (note) {
+    const span = document.createElement("span");
+    span.className = "note";
+    span.textContent = note;
+    box.appendChild(span);
+  }
+  box.hidden = !state.attached.length && !note;
+}
+
+async function attach(files) {
+  const limits = state.images;
+  let note = "";
+  for (const file of files) {
+    if (state.attached.length >= limits.max_images) { note = `at most ${limits.max_images} images`; break; }
+    if (file.size > limits.max_bytes) { note = `${file.name} is over ${limits.max_bytes} bytes`; continue; }
+    state.attached.push(await readAsDataUrl(file));
+  }
+  showAttachments(note);
+}
+
+function userContent(text, images) {
+  if (!images.length) return text;
+  return [...images.map((url) => ({ type: "image_url", image_url: { url } })), { type: "text", text }];
+}
+
 async function send(text) {
   state.busy = true;
   $("send").disabled = true;
-  state.messages.push({ role: "user", content: text });
-  addMessage("user", text);
+  const images = state.attached;
+  state.attached = [];
+  showAttachments();
+  state.messages.push({ role: "user", content: userContent(text, images) });
+  addMessage("user", text, images);
   const bubble = addMessage("assistant");
   bubble.dataset.frames = "0";
   bubble.dataset.state = "denoising";
@@ -188,6 +240,12 @@ $("prompt").addEventListener("keydown", (event) => {
 });
 $("clear").addEventListener("click", () => {
   state.messages = [];
+  state.attached = [];
+  showAttachments();
   $("messages").textContent = "";
+});
+$("image").addEventListener("change", async (event) => {
+  await attach([...event.target.files]);
+  event.target.value = "";  // the same file may be picked again
 });
 loadInfo();
