@@ -47,6 +47,9 @@ GENERATION_FLAGS: tuple[tuple[str, type, tuple | None, str], ...] = (
     ("entropy_bound", float, None,
      "parallel decoding (EB-sampler): commit the best candidates while their summed entropy minus the largest stays "
      "<= bound"),
+    ("cache_refresh_interval", int, None,
+     "with kv_cache: a full pass refreshes the keys every N-th block; at the others a block's first step "
+     "recomputes only the block before it and reuses the rest (default: every block)"),
     ("canvas_tail", int, None, "run only the block and this many positions after it (a bounded canvas; default: all)"),
     ("allow_beyond_context", bool, None,
      "warn instead of refusing when prompt + answer exceed max_position_embeddings"),

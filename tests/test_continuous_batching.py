@@ -26,6 +26,7 @@ SETTINGS = [  # block lengths, steps, thresholds, strategies, CFG, early exit an
     dict(max_new_tokens=8, steps=8, block_length=4, cfg_scale=1.0),
     dict(max_new_tokens=12, steps=12, block_length=4, remasking="margin", canvas_tail=2),
     dict(max_new_tokens=8, steps=8, block_length=4, temperature=0.8),  # sampling: a generator of its own
+    dict(max_new_tokens=16, steps=8, block_length=4, cache_refresh_interval=2),  # with a cache: reuse across blocks
 ]
 CACHES = [None, "prefix", "dual"]
 
@@ -37,6 +38,8 @@ def _requests(seed: int, kv_cache: str) -> list[tuple[int, list[int], dict]]:
     for _ in range(12):
         settings = dict(draw.choice(SETTINGS))
         settings["kv_cache"] = draw.choice(CACHES) if kv_cache == "mixed" else kv_cache
+        if settings["kv_cache"] is None:
+            settings.pop("cache_refresh_interval", None)
         prompt = [draw.randrange(4, 90) for _ in range(draw.randint(1, 7))]
         requests.append((draw.randrange(0, 14), prompt, settings))
     return sorted(requests, key=lambda request: request[0])

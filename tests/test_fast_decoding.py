@@ -214,3 +214,63 @@ def test_a_row_whose_block_is_done_sits_out_the_steps_and_is_unchanged(model, kv
     for row, prompt in enumerate(ROWS):
         alone = model.generate(torch.tensor([prompt]), **settings)
         assert torch.equal(state.output()[row, -8:], alone[0, -8:])
+
+
+def _query_widths(model, run) -> list[int]:
+    """The query widths of the forwards `run()` makes."""
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(
+        (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]),
+        with_kwargs=True)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return widths
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_a_refresh_interval_of_one_is_the_cache_as_before_and_longer_ones_skip_full_passes(model, mode):
+    ids, mask = left_padded_batch(ROWS)
+    # no mask as a candidate: a committed mask would keep a row refreshing until it is decoded again
+    settings = dict(max_new_tokens=16, steps=16, block_length=4, kv_cache=mode, logits_mask_inf=True)
+    before = model.generate(ids, attention_mask=mask, **settings)
+    assert torch.equal(model.generate(ids, attention_mask=mask, cache_refresh_interval=1, **settings), before)
+    widths = _query_widths(model, lambda: model.generate(ids, attention_mask=mask, cache_refresh_interval=2,
+                                                         **settings))
+    full, prompt = ids.shape[1] + 16, ids.shape[1]
+    if mode == "dual":  # block 1 and block 3 start by recomputing the block before them, with theirs: 8 positions
+        assert widths == [full, 4, 4, 4, 8, 4, 4, 4, full, 4, 4, 4, 8, 4, 4, 4]
+    else:  # prefix: from the block (or, at a block that reuses, the block before it) to the end
+        assert widths == [full, 16, 16, 16, 16, 12, 12, 12, full, 8, 8, 8, 8, 4, 4, 4]
+    assert widths.count(full) == 2 and prompt < full
+
+
+def test_a_block_that_reuses_the_cache_sees_the_keys_of_the_last_refresh(model):
+    """The first step of a block without a refresh: the block before it and the block run on the current tokens,
+    every other position keeps the keys/values of the last full pass (here: the answer all masks)."""
+    ids, mask = left_padded_batch(ROWS)
+    state = model.prepare_decoding(ids, mask, max_new_tokens=8, steps=8, block_length=4, kv_cache="dual",
+                                   cache_refresh_interval=2)
+    first_refresh = state.x.clone()
+    for _ in range(4):  # block 0
+        state.step()
+    request = state.plan_forward()
+    logits = state.run_forward(request)  # block 1's first step: [rows, its window, V]
+    prompt = ids.shape[1]
+    with torch.no_grad():
+        cache = DiffusionCache("dual")
+        cache.start_refill(torch.arange(3))
+        cache.set_query_start(0)
+        model(first_refresh, attention_mask=torch.cat([mask, torch.ones(3, 8, dtype=torch.long)], 1), cache=cache)
+        cache.set_query_start(prompt)
+        expected = model(state.x[:, prompt:], attention_mask=state.attention_mask, cache=cache).logits[:, 4:]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits, model(state.x, attention_mask=state.attention_mask).logits[:, prompt + 4:])
+
+
+def test_a_refresh_interval_needs_a_cache(model):
+    with pytest.raises(ValueError, match="set `kv_cache`"):
+        model.generate(torch.tensor([[5, 6]]), max_new_tokens=4, cache_refresh_interval=2)
+    with pytest.raises(ValueError, match="cache_refresh_interval"):
+        model.generate(torch.tensor([[5, 6]]), max_new_tokens=4, kv_cache="dual", cache_refresh_interval=0)

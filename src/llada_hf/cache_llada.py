@@ -106,7 +106,7 @@ class DiffusionCache(Cache):
         keys. A refresh (the first step of the row's block, or a mask left before the block: the cached prefix is
         still changing) or a row the cache does not hold runs the whole sequence [0, key_end) and is stored again.
         Otherwise the block and everything after it run ("prefix"), or the block alone ("dual"), against the
-        cached keys/values."""
+        cached keys/values; `block_start` may lie earlier, to recompute positions before the block too."""
         cached = ~refresh & self.holds(rows)
         start = torch.where(cached, block_start, 0)
         end = key_end if self.mode == "prefix" else torch.where(cached, block_end, key_end)

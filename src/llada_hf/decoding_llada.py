@@ -551,9 +551,14 @@ class DiffusionDecodingState:
         if self.cache is None:
             query_start, query_end, cached = torch.zeros_like(rows), key_end, torch.zeros_like(rows, dtype=torch.bool)
         else:
-            # A row refreshes its own keys at its block's first step, or while a mask is left before its block.
-            refresh = (self.row_block_step[rows] == 0) | (window_start < start)
-            query_start, query_end, cached = self.cache.query_range(rows * self.copies, refresh, start, end, key_end)
+            # A row refreshes its own keys at its block's first step (every `cache_refresh_interval`-th block), or
+            # while a mask is left before its block. At the first step of the other blocks it recomputes only the
+            # block before (its keys were computed before its last tokens were committed) and reuses the rest.
+            first_step = self.row_block_step[rows] == 0
+            refresh = first_step & self._refreshes_keys(rows) | (window_start < start)
+            query_from = torch.where(first_step & ~refresh, self._previous_block_start(rows), start)
+            query_start, query_end, cached = self.cache.query_range(rows * self.copies, refresh, query_from, end,
+                                                                    key_end)
             self.cache.keep_rows(self._forward_rows(rows[cached]))  # the others leave or are stored again
         return ForwardRequest(self, rows, window_start, end, query_start, query_end, key_end, cached)
 
@@ -855,6 +860,13 @@ class DiffusionDecodingState:
         self.x[ended] = eos
 
     # ---- blocks: each cohort's progress --------------------------------------------------------
+
+    def _refreshes_keys(self, rows: torch.LongTensor) -> torch.Tensor:
+        """Per row: whether its current block starts with a full pass (every `cache_refresh_interval`-th block)."""
+        return self.row_block[rows] % (self.config.cache_refresh_interval or 1) == 0
+
+    def _previous_block_start(self, rows: torch.LongTensor) -> torch.LongTensor:
+        return self._plan[0, (self.row_block[rows] - 1).clamp(min=0)]
 
     def _row_blocks(self) -> tuple[torch.LongTensor, torch.LongTensor]:
         """[B] each row's current block start and end (the last block's for rows past it)."""

@@ -161,6 +161,10 @@ DIFFUSION_OPTIONS: tuple[GenerationOption, ...] = (
     GenerationOption("entropy_bound", None, _positive_finite,
                      "parallel decoding (EB-sampler): commit the best candidates while their summed entropy minus "
                      "the largest stays <= bound", float),
+    GenerationOption("cache_refresh_interval", None, _positive_int,
+                     "with kv_cache: a full pass refreshes the keys every N-th block; at the others a block's "
+                     "first step recomputes only the block before it and reuses the rest (default: every block)",
+                     int),
     GenerationOption("canvas_tail", None, _count,
                      "run only the block and this many positions after it (a bounded canvas; default: all)", int),
     GenerationOption("allow_beyond_context", False, _boolean,
@@ -349,6 +353,9 @@ class DiffusionGenerationConfig(GenerationConfig):
                 raise ValueError(f"`{name}` {problem}, got {getattr(self, name)!r}.")
         if self.do_sample is True and not self.temperature:
             raise ValueError("`do_sample=True` samples the candidates: set `temperature` > 0 (e.g. 1.0).")
+        if self.cache_refresh_interval not in (None, 1) and not self.kv_cache:
+            raise ValueError("`cache_refresh_interval` spaces the refreshes of the key/value cache: set `kv_cache` "
+                             "('prefix' or 'dual') too, or leave the interval unset.")
         check_pad_is_not_mask(self.pad_token_id, self.mask_token_id)
 
     def to_dict(self) -> dict:
