@@ -95,6 +95,8 @@ def body(args, index):
         settings["block_length"] = args.block_length
     if args.kv_cache:
         settings["kv_cache"] = args.kv_cache
+    if args.cache_refresh_interval:
+        settings["cache_refresh_interval"] = args.cache_refresh_interval
     return settings
 
 
@@ -351,6 +353,8 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="default: max_tokens")
     parser.add_argument("--block-length", type=int, default=None)
     parser.add_argument("--kv-cache", choices=["prefix", "dual"], default=None)
+    parser.add_argument("--cache-refresh-interval", type=int, default=None, help="with --kv-cache: refresh every N-th "
+                                                                                 "block (default: every block)")
     parser.add_argument("--arrivals", action="store_true", help="Poisson arrivals instead of a burst")
     parser.add_argument("--mix", choices=["mixed", "same"], default="mixed", help="--arrivals: the requests' settings")
     parser.add_argument("--requests", type=int, default=48, help="--arrivals: requests per run")
