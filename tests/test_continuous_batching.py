@@ -26,7 +26,6 @@ SETTINGS = [  # block lengths, steps, thresholds, strategies, CFG, early exit an
     dict(max_new_tokens=8, steps=8, block_length=4, cfg_scale=1.0),
     dict(max_new_tokens=12, steps=12, block_length=4, remasking="margin", canvas_tail=2),
     dict(max_new_tokens=8, steps=8, block_length=4, temperature=0.8),  # sampling: a generator of its own
-    dict(max_new_tokens=16, steps=8, block_length=4, cache_refresh_interval=2),  # with a cache: reuse across blocks
 ]
 CACHES = [None, "prefix", "dual"]
 
@@ -38,8 +37,6 @@ def _requests(seed: int, kv_cache: str) -> list[tuple[int, list[int], dict]]:
     for _ in range(12):
         settings = dict(draw.choice(SETTINGS))
         settings["kv_cache"] = draw.choice(CACHES) if kv_cache == "mixed" else kv_cache
-        if settings["kv_cache"] is None:
-            settings.pop("cache_refresh_interval", None)
         prompt = [draw.randrange(4, 90) for _ in range(draw.randint(1, 7))]
         requests.append((draw.randrange(0, 14), prompt, settings))
     return sorted(requests, key=lambda request: request[0])
@@ -79,6 +76,22 @@ def test_requests_arriving_at_random_steps_with_mixed_settings_get_what_they_get
         assert torch.equal(engine.pop(ids[index]), alone.sequences[0]), (index, settings)
     assert engine.states == []
     assert engine.forward_passes < 0.7 * alone_passes  # rows of different settings share the passes
+
+
+@pytest.mark.parametrize("kv_cache", ["prefix", "dual"])
+def test_rows_that_reuse_their_cache_across_blocks_get_what_they_get_alone(model, kv_cache):
+    """`cache_refresh_interval` (with and without a bounded canvas, whose reuse steps also run its new tail): rows
+    arriving at random steps, each refreshing on its own schedule, equal `generate` alone."""
+    draw = random.Random(7)
+    choices = [dict(max_new_tokens=16, steps=8, block_length=4, cache_refresh_interval=2),
+               dict(max_new_tokens=16, steps=16, block_length=4, cache_refresh_interval=3, canvas_tail=3),
+               dict(max_new_tokens=12, steps=12, block_length=4)]
+    requests = [(draw.randint(0, 10), [draw.randrange(4, 90) for _ in range(draw.randint(1, 7))],
+                 dict(draw.choice(choices), kv_cache=kv_cache)) for _ in range(10)]
+    requests.sort(key=lambda request: request[0])
+    engine, ids = _run_engine(model, requests)
+    for index, (_, prompt, settings) in enumerate(requests):
+        assert torch.equal(engine.pop(ids[index]), _alone(model, prompt, settings, index).sequences[0]), settings
 
 
 def test_requests_with_the_same_settings_join_one_state_and_leave_it(model):

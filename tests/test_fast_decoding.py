@@ -246,6 +246,18 @@ def test_a_refresh_interval_of_one_is_the_cache_as_before_and_longer_ones_skip_f
     assert widths.count(full) == 2 and prompt < full
 
 
+def test_a_bounded_canvas_that_reuses_the_cache_runs_its_new_tail_and_decodes_every_mask(model):
+    ids, mask = left_padded_batch(ROWS)
+    settings = dict(max_new_tokens=16, steps=16, block_length=4, kv_cache="dual", logits_mask_inf=True, canvas_tail=2)
+    out = []
+    widths = _query_widths(model, lambda: out.append(model.generate(ids, attention_mask=mask, cache_refresh_interval=2,
+                                                                    **settings)))
+    prompt = ids.shape[1]
+    # block 1 (and 3) start with the block before, the block and the canvas' new tail (the tail ends with the answer)
+    assert widths == [prompt + 6, 4, 4, 4, 10, 4, 4, 4, prompt + 14, 4, 4, 4, 8, 4, 4, 4]
+    assert not (out[0] == MASK_ID).any()
+
+
 def test_a_block_that_reuses_the_cache_sees_the_keys_of_the_last_refresh(model):
     """The first step of a block without a refresh: the block before it and the block run on the current tokens,
     every other position keeps the keys/values of the last full pass (here: the answer all masks)."""

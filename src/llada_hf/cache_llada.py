@@ -133,6 +133,13 @@ class DiffusionCache(Cache):
         """Where held `rows` sit in the layers' batch dimension."""
         return torch.searchsorted(self.rows, rows)
 
+    def reserve(self, width: int) -> None:
+        """Room for keys/values up to position `width` (a bounded canvas grows block by block; the new positions are
+        zeros until a forward writes them)."""
+        for layer in self.layers:
+            if layer.keys is not None and layer.keys.shape[-2] < width:
+                layer.keys, layer.values = _fit_width(layer.keys, width), _fit_width(layer.values, width)
+
     def set_query_start(self, query_start: "int | torch.Tensor") -> None:
         """Where the next forward's queries begin: an int for every row (0 = a full pass that refills the cache) or a
         tensor, one start per held row."""

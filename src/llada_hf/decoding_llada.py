@@ -556,8 +556,12 @@ class DiffusionDecodingState:
             # block before (its keys were computed before its last tokens were committed) and reuses the rest.
             first_step = self.row_block_step[rows] == 0
             refresh = first_step & self._refreshes_keys(rows) | (window_start < start)
-            query_from = torch.where(first_step & ~refresh, self._previous_block_start(rows), start)
-            query_start, query_end, cached = self.cache.query_range(rows * self.copies, refresh, query_from, end,
+            reuse = first_step & ~refresh
+            query_from = torch.where(reuse, self._previous_block_start(rows), start)
+            query_to = end
+            if self.config.canvas_tail is not None:  # the bounded canvas grew since the refresh: its new tail runs too
+                query_to = torch.where(reuse, key_end, end)
+            query_start, query_end, cached = self.cache.query_range(rows * self.copies, refresh, query_from, query_to,
                                                                     key_end)
             self.cache.keep_rows(self._forward_rows(rows[cached]))  # the others leave or are stored again
         return ForwardRequest(self, rows, window_start, end, query_start, query_end, key_end, cached)
@@ -1076,6 +1080,7 @@ def _pass_cache(pieces: list[_Piece], width: int) -> tuple[DiffusionCache | None
             cache.set_query_start(0)
         else:
             uniform = len(set(piece.query_starts)) == 1
+            cache.reserve(max(piece.key_ends))
             cache.set_query_start(piece.query_starts[0] if uniform else piece.query_start)
         return cache, False
     cache = DiffusionCache()
@@ -1115,6 +1120,7 @@ def _keep_pass_keys(pieces: list[_Piece], width: int, cache: DiffusionCache) -> 
             state_cache.store(piece.rows, [(layer.keys[rows, :, :length].clone(),
                                             layer.values[rows, :, :length].clone()) for layer in cache.layers])
         else:
+            state_cache.reserve(max(piece.key_ends))
             state_cache.write_columns(piece.rows, piece.query_start, width,
                                       [(layer.keys[rows], layer.values[rows]) for layer in cache.layers])
 
