@@ -784,6 +784,8 @@ class DiffusionGenerationMixin:
                 )
             if not embedded and bool(((input_ids == config.mask_token_id) & (attention_mask == 0)).any()):
                 raise ValueError("Padding positions hold the mask token; pad with another token (LLaDA uses EOS).")
+            if bool(attention_mask.all()):  # no padding: no mask to build (and check on the host) at every forward
+                attention_mask = None
         answer = torch.full((batch_size, answer_length), config.mask_token_id, dtype=torch.long, device=self.device)
         x = torch.cat([input_ids.long(), answer], dim=1)  # [B, P + G]
         if attention_mask is not None:
