@@ -164,11 +164,22 @@ def add_tune_command(sub) -> None:
     tune.add_argument("model", help="a saved model folder")
     tune.add_argument("--dev", required=True, help="a JSON/JSONL file of {'prompt': ..., 'completion': ...} records")
     tune.add_argument("--max-new-tokens", type=int, default=64)
-    tune.add_argument("--trials", type=int, default=12, help="settings to measure, the defaults included")
+    tune.add_argument("--trials", type=int, default=None,
+                      help="settings to measure, the defaults included (default: 12; not with --learn)")
     tune.add_argument("--batch-size", type=int, default=8)
-    tune.add_argument("--seed", type=int, default=0, help="which settings are drawn")
-    tune.add_argument("--plot", metavar="PNG", help="draw accuracy against answer tokens/s here")
-    tune.add_argument("--save", action="store_true", help="write the chosen setting into generation_config.json")
+    tune.add_argument("--seed", type=int, default=0, help="which settings are drawn (with --learn: the policy's seed)")
+    tune.add_argument("--plot", metavar="PNG", help="draw accuracy against answer tokens/s here (not with --learn)")
+    tune.add_argument("--save", action="store_true",
+                      help="write the chosen setting (with --learn: the learned policy) into generation_config.json")
+    learn = tune.add_argument_group("learned policy (--learn)")
+    learn.add_argument("--learn", action="store_true",
+                       help="instead of searching hand-set settings, learn a decoding policy from the model's own "
+                            "exact decoding of the dev prompts, and compare it with the defaults on them")
+    learn.add_argument("--block-length", type=int, default=32, help="block length of the traces (default: 32)")
+    learn.add_argument("--target-precision", type=float, default=0.99,
+                       help="share of early commits that must be final on held-out prompts (default: 0.99)")
+    learn.add_argument("--hidden-size", type=int, default=0,
+                       help="hidden units of the policy (default: 0, logistic regression)")
     tune.add_argument("--dtype", default="auto", help=", ".join(DTYPES))
     tune.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
 

@@ -25,6 +25,7 @@ from .decoding_llada import DiffusionGenerationOutput, RemaskingStrategy, regist
 from .generation_llada import DiffusionGenerationConfig
 from .modeling_llada import LladaForMaskedDiffusion, LladaModel, LladaPreTrainedModel, MaskedDiffusionOutput
 from .modeling_llada_v import LladaVForConditionalGeneration, LladaVModel, LladaVPreTrainedModel
+from .policy_llada import DecodingPolicy, LearnedDecodingPolicy
 from .processing_llada_v import LladaVProcessor
 from .streaming_llada import TextDiffusionStreamer, end_token_ids, truncate_at_eos
 
@@ -41,6 +42,8 @@ _LAZY = {
     "DiffusionDPOTrainer": "trainers",
     "DiffusionGRPOConfig": "trainers",
     "DiffusionGRPOTrainer": "trainers",
+    "PolicyTrainingConfig": "trainers",
+    "learn_decoding_policy": "trainers",
     "publish": "hub_card",
     "publish_folder": "hub_card",
     "render_model_card": "hub_card",
@@ -84,6 +87,8 @@ __all__ = [
     "DiffusionGenerationConfig",
     "DiffusionGenerationOutput",
     "RemaskingStrategy",
+    "DecodingPolicy",
+    "LearnedDecodingPolicy",
     "TextDiffusionStreamer",
     "register_remasking_strategy",
     "end_token_ids",
@@ -95,6 +100,8 @@ __all__ = [
     "DiffusionDPOTrainer",
     "DiffusionGRPOConfig",
     "DiffusionGRPOTrainer",
+    "PolicyTrainingConfig",
+    "learn_decoding_policy",
     "publish",
     "publish_folder",
     "render_model_card",

@@ -39,6 +39,7 @@ from transformers.generation.logits_process import (
 from transformers.modeling_outputs import ModelOutput
 
 from .cache_llada import DiffusionCache
+from .policy_llada import StepSignals, resolve_policy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,6 +479,7 @@ class DiffusionDecodingState:
         self.model = model
         self.config = config
         self.strategy = resolve_strategy(config.remasking)
+        self.policy = resolve_policy(getattr(config, "decoding_policy", None))  # a learned unmasking policy, or None
         self.x = x  # [B, L] token ids; with prompt_embeds the prompt positions hold -1 (no id)
         self.attention_mask = attention_mask  # [B, L] or None
         self.prompt_embeds = prompt_embeds  # [B, P, D] or None
@@ -500,6 +502,9 @@ class DiffusionDecodingState:
         self.stop_at = torch.full_like(self.active, x.shape[1], dtype=torch.long)
         self.commit_step = torch.full_like(x, -1)
         self.forwards_taken = torch.zeros(batch, dtype=torch.long, device=device)
+        # What a policy remembers per position: the last argmax, and for how many steps in a row it was the same
+        self.last_argmax = torch.full_like(x, -1) if self.policy is not None else None
+        self.stable_steps = torch.zeros_like(x) if self.policy is not None else None
         # Progress, per row: its cohort (rows added together move in step), the block it is in, the steps its cohort
         # took in that block and in all, and what each step of the block commits.
         self.cohort = torch.zeros(batch, dtype=torch.long, device=device)
@@ -593,9 +598,11 @@ class DiffusionDecodingState:
             eligible &= columns < self.stop_at[rows, None]
         scores = self._scores(logits, candidates, eligible)
         _check_finite(logits, candidates, scores, eligible, self.steps_taken)
-        # 7. Commit the scheduled number of best candidates per row (more with parallel decoding)
+        # 7. Commit the scheduled number of best candidates per row (more with parallel decoding or a learned policy)
         count = _parallel_count(scores, self.schedule[rows, self.row_block_step[rows]], self.config, logits)
         chosen = _top_k_per_row(scores, count, eligible, columns, self.x.shape[1])
+        if self.policy is not None:  # a learned policy adds the positions it calls final (never fewer than scheduled)
+            chosen |= self._policy_commits(logits, candidates, eligible, inside, rows, columns)
         committed_rows = rows[:, None].expand_as(columns)[chosen]
         self.x[committed_rows, columns[chosen]] = candidates[chosen]
         self.commit_step[committed_rows, columns[chosen]] = self.row_steps[committed_rows]
@@ -728,6 +735,9 @@ class DiffusionDecodingState:
         self.attention_mask = None if self.attention_mask is None else _shift_left(self.attention_mask, shift, 0)
         self.prompt_positions = _shift_left(self.prompt_positions, shift, True)
         self.commit_step = _shift_left(self.commit_step, shift, -1)
+        if self.policy is not None:
+            self.last_argmax = _shift_left(self.last_argmax, shift, -1)
+            self.stable_steps = _shift_left(self.stable_steps, shift, 0)
         if self.prompt_embeds is not None:
             self.prompt_embeds = _shift_left(self.prompt_embeds, shift, 0.0)
         self.stop_at += shift
@@ -820,6 +830,31 @@ class DiffusionDecodingState:
         else:
             scores = self.strategy.score(logits, candidates, self.generator)
         return scores.masked_fill(~eligible, float("-inf"))
+
+    # ---- step 7: a learned policy's commits -----------------------------------------------------
+
+    def _policy_commits(self, logits: torch.Tensor, candidates: torch.LongTensor, eligible: torch.Tensor,
+                        inside: torch.Tensor, rows: torch.LongTensor, columns: torch.LongTensor) -> torch.Tensor:
+        """[R, W] the eligible positions the policy commits beyond the schedule: those it calls final, and every one of
+        a row whose block it calls done. Updates each window position's argmax-stable counter first."""
+        argmax = candidates if not self.config.temperature or self.config.do_sample is False else logits.argmax(-1)
+        where = (rows[:, None].expand_as(columns)[inside], columns[inside])
+        stable = torch.where(argmax == self.last_argmax[rows[:, None], columns],
+                             self.stable_steps[rows[:, None], columns] + 1, 0)
+        self.last_argmax[where], self.stable_steps[where] = argmax[inside], stable[inside]
+        block_start, block_end = self._row_blocks()
+        block_steps = self._plan[2, self.row_block[rows].clamp(max=len(self.blocks) - 1)]
+        signals = StepSignals(rows, logits, candidates, eligible, columns, block_start[rows], block_end[rows],
+                              self.row_block_step[rows], block_steps, stable)
+        commit, done = self.policy.decide(signals)
+        if commit.shape != eligible.shape or done.shape != rows.shape:
+            raise ValueError(f"{type(self.policy).__name__}.decide returned commit {tuple(commit.shape)} and done "
+                             f"{tuple(done.shape)}; expected {tuple(eligible.shape)} and {tuple(rows.shape)} (rows, "
+                             "window positions).")
+        if self.config.confidence_eos_eot_inf:  # EOS/EoT only when nothing else is left: not before the block is done
+            commit = commit & ~torch.isin(candidates, _id_tensor(
+                _token_ids(self.config.eos_token_id) + _token_ids(self.config.eot_token_id), candidates.device))
+        return eligible & (commit.bool() | done.bool()[:, None])
 
     # ---- step 8: finishing rows ----------------------------------------------------------------
 
@@ -947,7 +982,7 @@ class DiffusionDecodingState:
 # Per-row tensors of a decoding state: what `join` concatenates and `keep` selects.
 _ROW_TENSORS = ("x", "attention_mask", "prompt_embeds", "prompt_positions", "active", "stop_at",
                 "commit_step", "forwards_taken", "cohort", "row_block", "row_block_step", "row_steps", "schedule",
-                "position_offset")
+                "position_offset", "last_argmax", "stable_steps")
 
 
 def _plan_tensor(blocks: list[Block], device) -> torch.LongTensor:

@@ -41,6 +41,7 @@ from .decoding_llada import (
     left_pad,
     plan_blocks,
 )
+from .policy_llada import DecodingPolicy, check_decoding_policy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,6 +162,9 @@ DIFFUSION_OPTIONS: tuple[GenerationOption, ...] = (
     GenerationOption("entropy_bound", None, _positive_finite,
                      "parallel decoding (EB-sampler): commit the best candidates while their summed entropy minus "
                      "the largest stays <= bound", float),
+    GenerationOption("decoding_policy", None, check_decoding_policy,
+                     "a learned unmasking policy (its numbers, or a DecodingPolicy): also commit the masks it calls "
+                     "final, and a row's whole block when it calls the block done", None),
     GenerationOption("cache_refresh_interval", None, _positive_int,
                      "with kv_cache: a full pass refreshes the keys every N-th block; at the others a block's "
                      "first step recomputes only the block before it and reuses the rest (default: every block)",
@@ -362,6 +366,8 @@ class DiffusionGenerationConfig(GenerationConfig):
         output = super().to_dict()
         if isinstance(output.get("remasking"), RemaskingStrategy):  # an instance cannot go to JSON
             output["remasking"] = output["remasking"].name
+        if isinstance(output.get("decoding_policy"), DecodingPolicy):  # a learned policy's numbers; others: a name
+            output["decoding_policy"] = output["decoding_policy"].to_dict()
         return output
 
 
@@ -651,9 +657,11 @@ class DiffusionGenerationMixin:
             raise TypeError(f"`generation_config` must be a GenerationConfig or a dict, got {type(base).__name__}.")
         if not isinstance(base, DiffusionGenerationConfig):
             base = _over_model_settings(self.generation_config, base)
-        config = DiffusionGenerationConfig.from_dict(base.to_dict())
-        if isinstance(getattr(base, "remasking", None), RemaskingStrategy):
-            config.remasking = base.remasking
+        settings = base.to_dict()
+        for name, kind in (("remasking", RemaskingStrategy), ("decoding_policy", DecodingPolicy)):
+            if isinstance(getattr(base, name, None), kind):  # objects stay objects (to_dict names them)
+                settings[name] = getattr(base, name)
+        config = DiffusionGenerationConfig.from_dict(settings)
         kwargs = _with_transformers_conventions(config, kwargs)
         # The model config is the fallback for the token ids (generation_config.json may omit them).
         for key in ("mask_token_id", "eos_token_id", "pad_token_id"):

@@ -422,7 +422,7 @@ class LladaForMaskedDiffusion(DiffusionGenerationMixin, LladaPreTrainedModel):
 
 BUNDLE_FILES = (
     "configuration_llada.py", "modeling_llada.py", "cache_llada.py", "generation_llada.py", "decoding_llada.py",
-    "streaming_llada.py",
+    "policy_llada.py", "streaming_llada.py",
 )
 VISION_BUNDLE_FILES = (  # LLaDA-V, on top
     "configuration_llada_v.py", "geometry_llada_v.py", "modeling_llada_v.py", "processing_llada_v.py",

@@ -79,7 +79,8 @@ def tune(
         raise ValueError(f"`trials` must be at least 1, got {trials}.")
     results = []
     for settings in _candidate_settings(max_new_tokens, trials, seed):
-        results.append(_measure(model, tokenizer, prompts, references, settings, score, batch_size, max_new_tokens))
+        results.append(measure_setting(model, tokenizer, prompts, references, settings, score=score,
+                                       batch_size=batch_size, max_new_tokens=max_new_tokens))
     _mark_front(results)
     return results
 
@@ -91,13 +92,21 @@ def best_setting(results: list[Trial], tolerance: float = 1.0) -> Trial:
     return max(eligible, key=lambda trial: trial.tokens_per_second)
 
 
-def front_table(results: list[Trial]) -> str:
-    """The Pareto front as a Markdown table, most accurate first."""
+def front_table(results: list[Trial], every_trial: bool = False) -> str:
+    """The Pareto front (with `every_trial=True`: every trial, in its order) as a Markdown table, most accurate
+    first."""
     lines = ["| accuracy % | answer tok/s | NFE | settings |", "|---|---|---|---|"]
-    for trial in sorted((t for t in results if t.on_front), key=lambda t: (-t.accuracy, -t.tokens_per_second)):
-        settings = ", ".join(f"{key}={value}" for key, value in trial.settings.items()) or "defaults"
+    shown = results if every_trial else sorted((t for t in results if t.on_front),
+                                               key=lambda t: (-t.accuracy, -t.tokens_per_second))
+    for trial in shown:
+        settings = ", ".join(f"{key}={_shown(value)}" for key, value in trial.settings.items()) or "defaults"
         lines.append(f"| {trial.accuracy:.1f} | {trial.tokens_per_second:.1f} | {trial.nfe:.1f} | {settings} |")
     return "\n".join(lines)
+
+
+def _shown(value) -> str:
+    """A setting's value in a table: a learned policy's numbers are summed up as 'learned'."""
+    return "learned" if isinstance(value, dict) else str(value)
 
 
 def plot_front(results: list[Trial], path: str) -> None:
@@ -155,7 +164,19 @@ def _fit(draw: dict, max_new_tokens: int) -> dict:
 
 
 @torch.no_grad()
-def _measure(model, tokenizer, prompts, references, settings, score, batch_size, max_new_tokens) -> Trial:
+def measure_setting(model, tokenizer, prompts: Sequence[str], references: Sequence[str], settings: dict, *,
+                    score: Callable[[str, str], bool | float] = exact_match, batch_size: int = 8,
+                    max_new_tokens: int = 64) -> Trial:
+    """One trial: `generate(**settings)` on the dev set, batch by batch; accuracy (%, the mean `score`), answer tokens
+    (up to the end token) per second of `generate`, forward passes per batch.
+
+    Example:
+        ```python
+        >>> from llada_hf.evaluation.tune import measure_setting
+        >>> # trial = measure_setting(model, tokenizer, prompts, answers, {"confidence_threshold": 0.9})
+        >>> # trial.accuracy, trial.tokens_per_second
+        ```
+    """
     ends = end_token_ids(tokenizer, model.generation_config)
     correct, answer_tokens, forwards, batches, seconds = 0, 0, 0, 0, 0.0
     for start in range(0, len(prompts), batch_size):
@@ -185,4 +206,5 @@ def _mark_front(results: list[Trial]) -> None:
         )
 
 
-__all__ = ["SEARCH_SPACE", "Trial", "tune", "best_setting", "front_table", "plot_front", "exact_match"]
+__all__ = ["SEARCH_SPACE", "Trial", "tune", "measure_setting", "best_setting", "front_table", "plot_front",
+           "exact_match"]

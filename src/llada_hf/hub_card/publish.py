@@ -247,7 +247,7 @@ def add_card_and_code(
         >>> card = add_card_and_code(folder, LladaForMaskedDiffusion(config), repo_id="alice/tiny-llada")
         >>> sorted(os.listdir(folder))
         ['README.md', 'cache_llada.py', 'configuration_llada.py', 'decoding_llada.py', 'generation_llada.py',
-         'modeling_llada.py', 'streaming_llada.py']
+         'modeling_llada.py', 'policy_llada.py', 'streaming_llada.py']
         ```
     """
     if card_options.get("merge_adapter"):

@@ -1,6 +1,7 @@
 """Training masked diffusion language models with TRL: `DiffusionSFTConfig` and `DiffusionSFTTrainer`; preference
 optimisation with `DiffusionDPOConfig` / `DiffusionDPOTrainer` (VRPO) and RL with `DiffusionGRPOConfig` /
-`DiffusionGRPOTrainer` (diffu-GRPO).
+`DiffusionGRPOTrainer` (diffu-GRPO); a learned decoding policy from the model's own traces with `PolicyTrainingConfig`
+/ `learn_decoding_policy`.
 
 ```python
 from llada_hf.trainers import DiffusionSFTConfig, DiffusionSFTTrainer
@@ -24,6 +25,7 @@ from .config import DiffusionSFTConfig
 from .dpo import DiffusionDPOConfig, DiffusionDPOTrainer
 from .grpo import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from .objective import mask_answer_tokens, masked_diffusion_loss, masking_probability, sample_times
+from .policy import PolicyTrainingConfig, learn_decoding_policy
 from .sft import DiffusionSFTTrainer
 from .stages import STAGE_PRESETS, apply_stage
 from .vision import DataCollatorForVisionMaskedDiffusion, language_model_lora_config
@@ -36,6 +38,8 @@ __all__ = [
     "DiffusionDPOTrainer",
     "DiffusionGRPOConfig",
     "DiffusionGRPOTrainer",
+    "PolicyTrainingConfig",
+    "learn_decoding_policy",
     "DataCollatorForMaskedDiffusion",
     "DataCollatorForVisionMaskedDiffusion",
     "STAGE_PRESETS",
