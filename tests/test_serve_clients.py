@@ -163,7 +163,11 @@ def test_serve_refuses_bad_flags_in_one_line(model_dir, tmp_path, capsys):
     for argv, text in [([str(tmp_path / "missing")], "No such folder"),
                        ([model_dir, "--max-batch", "0"], "--max-batch"),
                        ([model_dir, "--port", "70000"], "--port must lie in 0..65535"),
-                       ([model_dir, "--tensor-parallel"], "torchrun")]:
+                       ([model_dir, "--tensor-parallel"], "torchrun"),
+                       ([model_dir, "--max-images", "0"], "--max-images"),
+                       ([model_dir, "--max-image-bytes", "-1"], "--max-image-bytes"),
+                       ([model_dir, "--image-fetch-timeout", "0"], "--image-fetch-timeout must be > 0"),
+                       ([model_dir, "--allowed-local-media-path", str(tmp_path / "nowhere")], "is not a folder")]:
         assert main(["serve", *argv]) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("llada-hf: error:") and text in err and len(err.splitlines()) == 1, (argv, err)
