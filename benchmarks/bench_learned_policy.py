@@ -194,7 +194,14 @@ def main() -> None:
     parser.add_argument("--repeat-below", type=float, default=20.0, help="rerun a setting whose run took less (s)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of such a setting; the fastest counts")
     parser.add_argument("--output", default=os.path.join(HERE, "outputs", "learned_policy.json"))
+    parser.add_argument("--plot", default=os.path.join(HERE, "learned_policy_fronts.png"),
+                        help="the Pareto fronts with the policy's points")
+    parser.add_argument("--plot-from", metavar="JSON", help="only redraw the plot from a saved --output file")
     args = parser.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            plot_fronts(json.load(f)["results"], args.plot)
+        return
     torch.manual_seed(args.seed)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
@@ -256,6 +263,43 @@ def main() -> None:
     with open(args.output, "w") as f:
         json.dump({"results": results, "tuned": tuned, "policy": policy, "overhead": overhead,
                    "args": vars(args)}, f, indent=1)
+    plot_fronts(results, args.plot)
+
+
+def plot_fronts(results: dict, path: str) -> None:
+    """One panel per length: accuracy against answer tokens/s of every hand-set setting (the Pareto front of those
+    joined by a line) and the learned policy's points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, panels = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for axes, (length, row) in zip(panels[0], results.items()):
+        hand = {name: r for name, r in row.items() if not name.startswith("learned") and r["tokens_per_second"] > 0}
+        axes.scatter([r["tokens_per_second"] for r in hand.values()], [r["accuracy"] for r in hand.values()],
+                     color="0.6", label="hand-set settings")
+        front = sorted((r for r in hand.values() if not _dominated(r, hand.values())),
+                       key=lambda r: r["tokens_per_second"])
+        axes.plot([r["tokens_per_second"] for r in front], [r["accuracy"] for r in front], "-", color="C0",
+                  label="their Pareto front")
+        for name, marker in (("learned", "*"), ("learned +exit", "P")):
+            axes.scatter(row[name]["tokens_per_second"], row[name]["accuracy"], marker=marker, s=160, color="C3",
+                         zorder=3, label=f"policy{name[7:]}")
+        axes.set_xscale("log")
+        axes.set_ylim(-5, 105)
+        axes.set_title(f"max_new_tokens {length}")
+        axes.set_xlabel("answer tokens / s")
+        axes.set_ylabel("accuracy (%)")
+    panels[0][0].legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _dominated(point: dict, others) -> bool:
+    return any(o["accuracy"] >= point["accuracy"] and o["tokens_per_second"] > point["tokens_per_second"]
+               for o in others)
 
 
 def show(length: int, name: str, r: dict) -> None:
