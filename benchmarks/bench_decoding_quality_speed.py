@@ -431,9 +431,8 @@ def tuned_setting(llada, tokenizer, tests, args) -> dict:
     return chosen
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+def add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of the race models' recipe (they name the cache folders; bench_roofline.py reads the same)."""
     # hidden 128 x 4 layers learns the task in 300 steps (LLaDA: 99.98 % masked-token accuracy, 32/32 exact); hidden
     # 256 x 6 layers was at 85 % after 400 steps at 1e-3 and 84 % after 200 at 5e-4 (and 66 % letters after 1000)
     parser.add_argument("--hidden", type=int, default=128)
@@ -447,10 +446,16 @@ def main():
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--more-steps", type=int, default=0, help="LLaDA's second phase (0: none)")
     parser.add_argument("--train-rows", type=int, default=20000)
-    parser.add_argument("--save-steps", type=int, default=100, help="checkpoint interval: an interrupted training "
-                                                                     "resumes from its last checkpoint")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pad-answers-to", type=int, default=128)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    add_recipe_options(parser)
+    parser.add_argument("--save-steps", type=int, default=100, help="checkpoint interval: an interrupted training "
+                                                                     "resumes from its last checkpoint")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--quality-examples", type=int, default=64)

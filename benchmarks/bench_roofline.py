@@ -40,6 +40,7 @@ from bench_decoding_quality_speed import (
     BLOCK,
     EQUAL_STEPS,
     SETTINGS,
+    add_recipe_options,
     encode,
     first_blocks,
     load_or_train_tokenizer,
@@ -358,19 +359,7 @@ def main():
     parser.add_argument("--max-rows", type=int, default=4096, help="the largest M of the F.linear sweep")
     parser.add_argument("--untrained", action="store_true", help="a randomly initialised model of the same sizes")
     parser.add_argument("--json", action="store_true", help="print the numbers as one JSON document instead")
-    # The race model's recipe: bench_decoding_quality_speed.py's flags and defaults (they name its cache folder)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--alphabet", type=int, default=16)
-    parser.add_argument("--min-letters", type=int, default=20)
-    parser.add_argument("--max-letters", type=int, default=60)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--rope-theta", type=float, default=10000.0)
-    parser.add_argument("--train-steps", type=int, default=400)
-    parser.add_argument("--more-steps", type=int, default=0)
-    parser.add_argument("--train-rows", type=int, default=20000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--pad-answers-to", type=int, default=128)
+    add_recipe_options(parser)  # the race model's recipe: it names its cache folder
     args = parser.parse_args()
 
     tokenizer = load_or_train_tokenizer(args)

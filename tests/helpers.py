@@ -132,6 +132,17 @@ def tokenizer_model(tokenizer, seed: int = 0, **overrides):
     return LladaForMaskedDiffusion(LladaConfig(**kwargs)).eval()
 
 
+def save_tiny_text_model(folder) -> str:
+    """A `tokenizer_model` (seed 0) with a small trained tokenizer, saved to `folder` for the command-line tests."""
+    from llada_hf.tokenization import train_tokenizer
+
+    texts = [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "bird") for v in ("red", "blue")]
+    tokenizer = train_tokenizer(texts * 4, vocab_size=290)
+    tokenizer_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def left_padded_batch(rows, pad_id=PAD_ID):
     """Left-pad lists of ids into (input_ids, attention_mask)."""
     return left_pad(rows, pad_id)

@@ -12,12 +12,12 @@ import time
 
 import pytest
 import torch
+from helpers import save_tiny_text_model
 
 from transformers.generation.streamers import TextDiffusionStreamer as TransformersTextDiffusionStreamer
 
-from llada_hf import LladaConfig, LladaForMaskedDiffusion, TextDiffusionStreamer, end_token_ids, truncate_at_eos
+from llada_hf import LladaForMaskedDiffusion, TextDiffusionStreamer, end_token_ids, truncate_at_eos
 from llada_hf.streaming_llada import render_draft
-from llada_hf.tokenization import model_token_ids, train_tokenizer
 
 
 COLUMNS, LINES = 40, 8  # narrow: drafts wrap, and long ones must be clipped to the screen
@@ -98,15 +98,7 @@ class Screen:
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("terminal-model")
-    texts = [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "bird") for v in ("red", "blue")]
-    tokenizer = train_tokenizer(texts * 4, vocab_size=290)
-    torch.manual_seed(0)
-    config = LladaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         **model_token_ids(tokenizer))
-    LladaForMaskedDiffusion(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_text_model(tmp_path_factory.mktemp("terminal-model"))
 
 
 def expected_answer(folder: str, prompt: str, chat: bool) -> str:

@@ -8,10 +8,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import MASK_ID, left_padded_batch, tiny_model
+from helpers import MASK_ID, left_padded_batch, save_tiny_text_model, tiny_model
 
 from llada_hf.decoding_llada import DiffusionEngine
 from llada_hf.generation_llada import DiffusionGenerationConfig
@@ -325,18 +326,7 @@ def test_training_settings_are_checked():
 
 @pytest.fixture(scope="module")
 def saved_text_model(tmp_path_factory):
-    from llada_hf import LladaConfig, LladaForMaskedDiffusion
-    from llada_hf.tokenization import model_token_ids, train_tokenizer
-
-    folder = tmp_path_factory.mktemp("policy-model")
-    texts = [f"the {w} sat on the {v} mat" for w in ("cat", "dog", "bird") for v in ("red", "blue")]
-    tokenizer = train_tokenizer(texts * 4, vocab_size=290)
-    torch.manual_seed(0)
-    config = LladaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         **model_token_ids(tokenizer))
-    LladaForMaskedDiffusion(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return Path(save_tiny_text_model(tmp_path_factory.mktemp("policy-model")))
 
 
 def test_cli_tune_learn_saves_a_policy_that_generate_loads(saved_text_model, tmp_path):
