@@ -239,30 +239,31 @@ class DecodingPolicy:
         return type(self).__name__
 
 
-class _Head:
-    """sigmoid(weights . relu(hidden x + hidden_bias) + bias) >= threshold, compared as logits (threshold 1 never
-    fires); the numbers become tensors on first use on a device."""
+class PolicyHead:
+    """One head of a policy from its numbers: sigmoid(weights . relu(hidden x + hidden_bias) + bias) >= threshold,
+    compared as logits (threshold 1, or none yet, never fires); the numbers become tensors on first use on a device,
+    in the features' dtype (the trainer evaluates the head it saves in float64, the decoder in float32)."""
 
     def __init__(self, spec: dict):
         self.features = tuple(spec["features"])
         self.spec = spec
-        self.cut = _logit(float(spec["threshold"]))
+        self.cut = _logit(float(spec.get("threshold", 1.0)))
         self._tensors: dict = {}
 
-    def _on(self, device) -> tuple:
-        if device not in self._tensors:
+    def _on(self, device, dtype) -> tuple:
+        if (device, dtype) not in self._tensors:
             spec = self.spec
 
             def tensor(values):
-                return torch.tensor(values, dtype=torch.float32, device=device)
+                return torch.tensor(values, dtype=dtype, device=device)
 
             hidden = (tensor(spec["hidden"]), tensor(spec["hidden_bias"])) if spec.get("hidden") else None
-            self._tensors[device] = (hidden, tensor(spec["weights"]), float(spec.get("bias", 0.0)))
-        return self._tensors[device]
+            self._tensors[device, dtype] = (hidden, tensor(spec["weights"]), float(spec.get("bias", 0.0)))
+        return self._tensors[device, dtype]
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """[..., F] -> [...]: the head's logit."""
-        hidden, weights, bias = self._on(features.device)
+        hidden, weights, bias = self._on(features.device, features.dtype)
         if hidden is not None:
             features = torch.relu(features @ hidden[0].T + hidden[1])
         return features @ weights + bias
@@ -299,8 +300,8 @@ class LearnedDecodingPolicy(DecodingPolicy):
         if problem is not None:
             raise ValueError(f"`decoding_policy`: {problem}.")
         self.spec = _plain(spec)
-        self.commit_head = _Head(self.spec)
-        self.done_head = _Head(self.spec["block_done"]) if self.spec.get("block_done") else None
+        self.commit_head = PolicyHead(self.spec)
+        self.done_head = PolicyHead(self.spec["block_done"]) if self.spec.get("block_done") else None
 
     def commit_logits(self, signals: StepSignals) -> torch.Tensor:
         """[R, W]: the commit head's logit at every window position."""

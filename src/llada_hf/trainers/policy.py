@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from ..decoding_llada import left_pad
-from ..policy_llada import BLOCK_FEATURES, POLICY_VERSION, POSITION_FEATURES, DecodingPolicy, StepSignals
+from ..policy_llada import (
+    BLOCK_FEATURES,
+    POLICY_VERSION,
+    POSITION_FEATURES,
+    DecodingPolicy,
+    PolicyHead,
+    StepSignals,
+)
 
 
 @dataclass
@@ -328,7 +335,7 @@ def _fit_head(x: torch.Tensor, y: torch.Tensor, x_check: torch.Tensor, y_check: 
     else:  # w . (x - m) / s + b = (w / s) . x + b - w . (m / s)
         head["weights"] = (p["weights"] / std).tolist()
         head["bias"] = float(p["bias"] - p["weights"] @ (mean / std))
-    probabilities = torch.sigmoid(_head_logits(head, x_check.double()))
+    probabilities = torch.sigmoid(PolicyHead(head).logits(x_check.double()))  # the saved numbers, as decoded
     threshold = _threshold(probabilities, y_check.bool(), config.target_precision, config.min_threshold)
     fired = probabilities >= threshold
     report = {"threshold": threshold, "held_out_samples": int(len(y_check)),
@@ -337,17 +344,6 @@ def _fit_head(x: torch.Tensor, y: torch.Tensor, x_check: torch.Tensor, y_check: 
               "fit_loss": float(F.binary_cross_entropy_with_logits(logits_of(z, p), y))}
     head["threshold"] = threshold
     return head, report
-
-
-def _head_logits(head: dict, x: torch.Tensor) -> torch.Tensor:
-    """[N, F] float64 -> [N]: a head's logit from its saved numbers (as the policy computes it, in float64)."""
-
-    def tensor(values):
-        return torch.tensor(values, dtype=torch.float64)
-
-    if head.get("hidden"):
-        x = torch.relu(x @ tensor(head["hidden"]).T + tensor(head["hidden_bias"]))
-    return x @ tensor(head["weights"]) + head["bias"]
 
 
 def _threshold(probabilities: torch.Tensor, labels: torch.Tensor, target: float, floor: float) -> float:
