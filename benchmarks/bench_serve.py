@@ -283,6 +283,8 @@ def serving(args):
                    "--log-level", "warning", "--max-tokens-limit", str(args.max_tokens)]
         if args.batch_wait_ms is not None:
             command += ["--batch-wait-ms", str(args.batch_wait_ms)]
+        if args.join_wait is not None:
+            command += ["--join-wait", str(args.join_wait)]
         env = dict(os.environ)
         if args.server_threads is not None:
             env["OMP_NUM_THREADS"] = str(args.server_threads)
@@ -365,6 +367,7 @@ def main():
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="the server's flag (default: its own)")
+    parser.add_argument("--join-wait", type=int, default=None, help="the server's flag (default: its own)")
     parser.add_argument("--server-threads", type=int, default=None,
                         help="OMP_NUM_THREADS of the server process (default: this process's environment)")
     parser.add_argument("--device", default="cpu")

@@ -95,6 +95,10 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-wait-ms", type=float, default=20.0,
                        help="when idle, wait up to this long for requests received together with the first one, so "
                             "that they start together; a lone request never waits (default: 20)")
+    group.add_argument("--join-wait", type=int, default=8,
+                       help="hold a new request back up to this many steps, until running rows start a block: with "
+                            "caches it then shares their passes instead of adding one per step where its blocks "
+                            "start; 0 joins at the next step (default: 8)")
     group.add_argument("--step-delay", type=float, default=0.0,
                        help="seconds to pause after each step, to watch a tiny model denoise (default: 0)")
     group.add_argument("--shutdown-grace", type=float, default=10.0,

@@ -481,3 +481,69 @@ def test_special_tokens_in_chat_messages_are_text(model_and_tokenizer):
     specials = set(tokenizer.all_special_ids)
     assert sum(i in specials for i in ids) == sum(i in specials for i in template_only)  # the template's alone
     assert seen[False] == len(ids) and seen[True] < seen[False]  # trusted: the control tokens are single tokens
+
+
+@pytest.mark.parametrize("join_wait, block_length, waits", [(8, 4, True), (2, 16, False), (0, 4, False)])
+def test_a_request_joins_in_phase_with_the_running_blocks(model_and_tokenizer, join_wait, block_length, waits):
+    """`join_wait`: a request that arrives mid-block (dual cache) is held back until the running rows start a block,
+    when that comes within its wait (then its first forward shares their refresh pass); otherwise, or with
+    join_wait 0, it joins at the next step. Either way both answers equal `generate` alone."""
+    from llada_hf.serving.scheduler import Request, Scheduler
+
+    model, tokenizer = model_and_tokenizer
+    settings = dict(max_new_tokens=16, steps=16, block_length=block_length, kv_cache="dual")
+    scheduler = Scheduler(model, tokenizer, join_wait=join_wait, step_delay=0.01)
+    joined_at = []  # steps to the running rows' next block start, at each add
+    add = scheduler.engine.add
+    scheduler.engine.add = lambda *args, **kwargs: joined_at.append(scheduler.engine.steps_to_block_start()) or add(
+        *args, **kwargs)
+    prompts = [tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False).input_ids
+               for question in ("where did the cat sit?", "what did the dog say?")]
+    events = {0: [], 1: []}
+    done = threading.Event()
+
+    def sink_for(i):
+        def sink(event):
+            events[i].append(event)
+            if all(e and e[-1].kind in ("finished", "error") for e in events.values()):
+                done.set()
+        return sink
+
+    try:
+        scheduler.start()
+        scheduler.submit(Request(prompts[0], settings, sink=sink_for(0)))
+        deadline = time.monotonic() + 30
+        while scheduler.step_index < 2 and time.monotonic() < deadline:  # the first request is mid-block
+            time.sleep(0.002)
+        queued_at = scheduler.step_index
+        scheduler.submit(Request(prompts[1], settings, sink=sink_for(1)))
+        assert done.wait(60)
+    finally:
+        scheduler.stop()
+    assert joined_at[0] is None and queued_at % block_length != 0
+    if waits:
+        assert joined_at[1] == 0  # it joined at the step where the running row started its next block
+    else:
+        assert joined_at[1] > 0  # at once, mid-block
+    for i in (0, 1):
+        alone = model.generate(torch.tensor([prompts[i]]), **settings)[0, len(prompts[i]):]
+        assert events[i][-1].kind == "finished"
+        assert events[i][-1].answer == truncate_at_eos([alone.tolist()], scheduler.end_token_ids)[0]
+
+
+def test_steps_to_block_start(model_and_tokenizer):
+    """The engine's count of steps to the next block start: None when idle, 0 without a cache (every step is a
+    whole-canvas pass), the block's remaining steps with one."""
+    from llada_hf.decoding_llada import DiffusionEngine
+
+    model, _ = model_and_tokenizer
+    engine = DiffusionEngine(model)
+    assert engine.steps_to_block_start() is None
+    engine.add(torch.tensor([[5, 6, 7]]), max_new_tokens=8, steps=8, block_length=4, kv_cache="dual")
+    counts = [engine.steps_to_block_start()]
+    for _ in range(5):
+        engine.step()
+        counts.append(engine.steps_to_block_start())
+    assert counts == [0, 3, 2, 1, 0, 3]
+    engine.add(torch.tensor([[5, 6]]), max_new_tokens=4, steps=4)
+    assert engine.steps_to_block_start() == 0

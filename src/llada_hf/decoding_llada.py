@@ -649,6 +649,16 @@ class DiffusionDecodingState:
             return self.x[index, self.answer_start :].clone()
         return self.x[index, int(self.position_offset[index]) :].clone()
 
+    def steps_to_block_start(self) -> int:
+        """Steps until the soonest active row runs a whole-canvas or block-first forward (0: the next step does; every
+        step does without a cache), at most: a threshold may close a block sooner. A row that joins then shares that
+        forward's shape instead of adding a pass (`DiffusionEngine.steps_to_block_start`)."""
+        if self.cache is None or self.done:
+            return 0
+        steps = self._plan[2, self.row_block.clamp(max=len(self.blocks) - 1)]
+        remaining = torch.where(self.row_block_step == 0, 0, steps - self.row_block_step)
+        return int(remaining[self.active].min())
+
     @property
     def answer_start(self) -> int:
         return self.prompt_length
@@ -1252,6 +1262,14 @@ class DiffusionEngine:
     @property
     def has_unfinished(self) -> bool:
         return any(not state.done for state in self.states)
+
+    def steps_to_block_start(self) -> int | None:
+        """Steps until some running row starts a block (0: at the next step), None when nothing runs. With caches, a
+        request added at that step runs its first (whole-canvas) forward in the pass of the rows that refresh,
+        and moves through its blocks in phase with them afterwards: one pass per step instead of two. A server can
+        hold a request back until then (`llada-hf serve --join-wait`)."""
+        pending = [state.steps_to_block_start() for state in self.states if not state.done]
+        return min(pending) if pending else None
 
     def step(self) -> list[int]:
         """One denoising step for every unfinished request; returns the ids of the rows finished by now."""

@@ -101,6 +101,7 @@ class Request:
     _restarted: bool = False
     _outputs: list[AnswerOutput] = field(default_factory=list)  # one per row; kept when the request starts again
     _cancel_step: int | None = None  # the engine's step count when the cancel came
+    _queued_step: int = 0  # the engine's step count when the request was queued
     _scheduler: "Scheduler | None" = None
 
     def cancel(self) -> None:
@@ -166,13 +167,19 @@ class Scheduler:
         batch_wait: when the engine is idle and a request comes while others are still being prepared by the web
             handlers (`preparing` > 0: requests sent together), wait up to this many seconds for them, so that
             they start together. A lone request never waits.
+        join_wait: hold a queued request back for up to this many steps, until some running row starts a block
+            (`DiffusionEngine.steps_to_block_start`): with caches, a request that joins mid-block adds a forward
+            pass at every step where its blocks start out of phase with the others'; one that joins in phase
+            shares them. A request joins at once when nothing runs, or when no block starts within its wait.
+            0: every request joins at the next step.
         step_delay: seconds to pause after every step (to watch a tiny model denoise; 0 in production).
         seed: seed of the generator shared by the sampling requests that bring no `seed`.
         mirror: a `RankMirror` under tensor parallelism (rank 0 broadcasts what it runs), else None.
     """
 
     def __init__(self, model, tokenizer, end_token_ids: list[int] | None = None, max_batch: int = 32,
-                 max_queue: int = 256, batch_wait: float = 0.0, step_delay: float = 0.0, seed: int = 0, mirror=None):
+                 max_queue: int = 256, batch_wait: float = 0.0, join_wait: int = 8, step_delay: float = 0.0,
+                 seed: int = 0, mirror=None):
         self.model = model
         self.tokenizer = tokenizer
         self.engine = DiffusionEngine(model)
@@ -184,6 +191,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.batch_wait = batch_wait
         self.preparing = 0  # requests received by the web app and not yet submitted (counted by the app)
+        self.join_wait = join_wait
         self.step_delay = step_delay
         self.seed = seed
         self.generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -210,6 +218,7 @@ class Scheduler:
                 self.stats.requests["rejected"] += 1
                 raise QueueFull(f"The queue is full ({self.max_queue} requests waiting); retry shortly.")
             request._scheduler = self
+            request._queued_step = self.step_index
             self._queue.append(request)
             self._condition.notify()
         return request
@@ -316,7 +325,10 @@ class Scheduler:
             time.sleep(0.0005)
 
     def _admit(self) -> None:
-        """Move the queued requests that fit into the engine: each joins the running batch at the next step."""
+        """Move the queued requests that fit into the engine: each joins the running batch at the next step (or, with
+        `join_wait`, at the step where running rows start a block)."""
+        if self._queue and not self._time_to_join():
+            return
         admitted = []
         with self._condition:
             free = self.max_batch - len(self._rows)
@@ -329,6 +341,15 @@ class Scheduler:
                 free -= request.n
         for request in admitted:
             self._add(request)
+
+    def _time_to_join(self) -> bool:
+        """Whether the queued requests join at the next step: no `join_wait`, nothing running, some running row
+        starting a block at that step, or none within what is left of the oldest request's wait."""
+        if not self.join_wait or not self._rows:
+            return True
+        steps = self.engine.steps_to_block_start()
+        waited = self.step_index - self._queue[0]._queued_step
+        return steps is None or steps == 0 or steps > self.join_wait - waited
 
     def _add(self, request: Request) -> None:
         """Add the request's `n` rows (its prompt, prepared once and repeated) to the engine; a request started again

@@ -28,7 +28,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise CliError(f"--port must lie in 0..65535, got {args.port}.")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise CliError(f"--max-tokens-limit must be a positive integer, got {args.max_tokens_limit}.")
-    for name in ("batch_wait_ms", "step_delay", "shutdown_grace"):
+    for name in ("batch_wait_ms", "join_wait", "step_delay", "shutdown_grace"):
         if getattr(args, name) < 0:
             raise CliError(f"--{name.replace('_', '-')} must be >= 0.")
     if not args.image_fetch_timeout > 0:
@@ -114,8 +114,8 @@ def run_from_args(args: argparse.Namespace) -> None:
             follow(DiffusionEngine(model), mirror, seed=args.seed)
             return
     scheduler = Scheduler(model, text_tokenizer(processor), max_batch=args.max_batch, max_queue=args.max_queue,
-                          batch_wait=args.batch_wait_ms / 1000, step_delay=args.step_delay, seed=args.seed,
-                          mirror=mirror)
+                          batch_wait=args.batch_wait_ms / 1000, join_wait=args.join_wait, step_delay=args.step_delay,
+                          seed=args.seed, mirror=mirror)
     images = ImageLimits(max_images=args.max_images, max_pixels=args.max_image_pixels, max_bytes=args.max_image_bytes,
                          allow_urls=args.allow_image_urls, fetch_timeout=args.image_fetch_timeout,
                          local_folder=args.allowed_local_media_path)
