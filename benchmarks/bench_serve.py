@@ -10,13 +10,17 @@ caches and a confidence threshold in turn; "same": one setting), are first serve
 previous answer arrived), then sent at Poisson arrival times at each `--loads` multiple of that one-at-a-time rate.
 For each run: answer tokens per second (first arrival to last answer), time to first token (the first streamed
 text), p50/p99 latency (arrival to answer), the mean number of requests in flight (total latency / span) and the
-forward passes the server ran (from /metrics). Ratios are against the one-at-a-time run.
+forward passes the server ran and its engine loop's busy milliseconds per step (from /metrics). Ratios are against
+the one-at-a-time run. `--in-process` drives the server's scheduler in this process instead of over HTTP (on a
+2-core machine the web thread and the HTTP client otherwise share the engine's cores).
 
 Default (burst): sequential (one request after the other) against concurrent (`--clients` threads send one request
 each at the same moment), phases alternating `--repeats` times, medians reported, with the ratio the engine alone
 reaches on the same rows without HTTP.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --arrivals --hidden 64 --layers 2       # issue 30
+    OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --arrivals --in-process --hidden 64 --layers 2 --mix same \
+        --block-length 8 --kv-cache dual --loads 3 4 5
     OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --arrivals --hidden 256 --layers 4
     OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --hidden 64 --layers 2                  # issue 16 (burst)
     OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --kv-cache dual --block-length 8
@@ -77,11 +81,20 @@ def post(url, body, timeout=600):
 
 
 def forward_passes(base) -> float:
+    return server_counters(base)["forwards"]
+
+
+def server_counters(base) -> dict:
+    """The engine loop's forward passes, steps and busy seconds, from /metrics."""
+    names = {"llada_forward_passes_total": "forwards", "llada_steps_total": "steps",
+             "llada_busy_seconds_total": "busy"}
+    counters = dict.fromkeys(names.values(), float("nan"))
     with urllib.request.urlopen(base + "/metrics", timeout=30) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith("llada_forward_passes_total "):
-                return float(line.split()[-1])
-    return float("nan")
+            name, _, value = line.partition(" ")
+            if name in names:
+                counters[names[name]] = float(value)
+    return counters
 
 
 PROMPTS = ["the cat sat on the", "a dog said", "the bird", "the fox sat on the red mat and", "good night",
@@ -154,15 +167,62 @@ def streamed(url, request_body) -> tuple[float, float, int]:
     return first, time.perf_counter() - started, tokens
 
 
-def one_at_a_time(args, base) -> dict:
+class InProcessClient:
+    """`--in-process`: the server's `Scheduler` (engine thread and all) in this process, without HTTP: requests are
+    submitted as the web handlers submit them. On a small machine this takes the web thread and the HTTP client off
+    the cores the engine runs on."""
+
+    def __init__(self, args, folder):
+        from transformers import AutoTokenizer
+
+        from llada_hf import LladaForMaskedDiffusion
+        from llada_hf.serving.scheduler import Scheduler
+
+        self.model = LladaForMaskedDiffusion.from_pretrained(folder, dtype=args.dtype).to(args.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        options = {} if args.join_wait is None else {"join_wait": args.join_wait}
+        self.scheduler = Scheduler(self.model, self.tokenizer, max_batch=max(args.clients, args.max_batch or 1),
+                                   max_queue=max(256, args.requests), **options).start()
+
+    def send(self, request_body) -> tuple[float, float, int]:
+        """As `streamed`: (seconds to its first text, seconds to its end, answer tokens)."""
+        import threading
+
+        from llada_hf.serving.scheduler import Request
+
+        started, first, done, answer = time.perf_counter(), [], threading.Event(), []
+
+        def sink(event):
+            if event.text and not first:
+                first.append(time.perf_counter() - started)
+            if event.kind in ("finished", "error"):
+                answer.extend(event.answer or [])
+                done.set()
+
+        settings = {("max_new_tokens" if key == "max_tokens" else key): value for key, value in request_body.items()
+                    if key not in ("model", "prompt")}
+        self.scheduler.submit(Request(self.tokenizer(request_body["prompt"]).input_ids, settings, sink=sink,
+                                      stream=True))
+        done.wait()
+        return (first[0] if first else None), time.perf_counter() - started, len(answer)
+
+    def counters(self) -> dict:
+        stats = self.scheduler.stats
+        return {"forwards": stats.forward_passes, "steps": stats.steps, "busy": stats.busy_seconds}
+
+    def close(self) -> None:
+        self.scheduler.stop()
+
+
+def one_at_a_time(args, send) -> dict:
     """Every request after the previous answer: the latency of a request alone, and the rate the server keeps."""
     started, results = time.perf_counter(), []
     for index in range(args.requests):
-        results.append((0.0, *streamed(base + "/v1/completions", arrival_body(args, index))))
+        results.append((0.0, *send(arrival_body(args, index))))
     return summary(results, time.perf_counter() - started)
 
 
-def poisson_arrivals(args, base, rate: float, seed: int) -> dict:
+def poisson_arrivals(args, send, rate: float, seed: int) -> dict:
     """The requests sent at Poisson arrival times (`rate` per second), each by a thread of its own."""
     draw = random.Random(seed)
     arrivals, moment = [], 0.0
@@ -174,7 +234,7 @@ def poisson_arrivals(args, base, rate: float, seed: int) -> dict:
     def one(index):
         time.sleep(max(0.0, started + arrivals[index] - time.perf_counter()))
         sent = time.perf_counter() - started
-        return (sent, *streamed(base + "/v1/completions", arrival_body(args, index)))
+        return (sent, *send(arrival_body(args, index)))
 
     with concurrent.futures.ThreadPoolExecutor(args.requests) as pool:
         results = list(pool.map(one, range(args.requests)))
@@ -195,18 +255,24 @@ def percentile(values: list[float], q: float) -> float:
     return values[max(0, math.ceil(q / 100 * len(values)) - 1)]
 
 
-def run_arrivals(args, base) -> list[dict]:
-    """One at a time, then each load; forward passes from /metrics around each run."""
+def run_arrivals(args, send, counters) -> list[dict]:
+    """One at a time, then each load; the engine loop's counters around each run (`send(body)`: one request, as
+    `streamed`; `counters()`: as `server_counters`)."""
     rows = []
-    before = forward_passes(base)
-    alone = one_at_a_time(args, base)
-    rows.append({"load": "one at a time", "rate": args.requests / alone["span"], **alone,
-                 "forwards": forward_passes(base) - before})
+
+    def measured(load, rate, run):
+        before = counters()
+        figures = run()
+        after = counters()
+        step_ms = 1000 * (after["busy"] - before["busy"]) / max(1.0, after["steps"] - before["steps"])
+        rows.append({"load": load, "rate": rate or args.requests / figures["span"], **figures,
+                     "forwards": after["forwards"] - before["forwards"], "step_ms": step_ms})
+        return figures
+
+    alone = measured("one at a time", None, lambda: one_at_a_time(args, send))
     for load in args.loads:
         rate = load * args.requests / alone["span"]
-        before = forward_passes(base)
-        run = poisson_arrivals(args, base, rate, seed=int(load * 1000))
-        rows.append({"load": f"{load:g}x", "rate": rate, **run, "forwards": forward_passes(base) - before})
+        measured(f"{load:g}x", rate, lambda: poisson_arrivals(args, send, rate, seed=int(load * 1000)))
     for row in rows:
         row["throughput_ratio"] = row["tok_s"] / alone["tok_s"]
         row["p99_over_alone_p50"] = row["p99"] / alone["p50"]
@@ -217,15 +283,17 @@ def run_arrivals(args, base) -> list[dict]:
 def print_arrivals(args, rows) -> None:
     print(f"model hidden {args.hidden}, {args.layers} layers; mix {args.mix}; {args.requests} requests of "
           f"{args.max_tokens} tokens; server threads {args.server_threads or os.environ.get('OMP_NUM_THREADS')}; "
+          f"{'in process (no HTTP)' if args.in_process else 'over HTTP'}; join wait "
+          f"{'default' if args.join_wait is None else args.join_wait}; "
           f"load average {' '.join(f'{value:.1f}' for value in os.getloadavg())}")
     print("| arrivals | rate (req/s) | in flight | tok/s | vs one at a time | TTFT p50 (ms) | latency p50 (ms) | "
-          "p99 (ms) | p99 / alone p50, p99 | forward passes |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "p99 (ms) | p99 / alone p50, p99 | forward passes | engine ms / step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['load']} | {row['rate']:.1f} | {row['in_flight']:.1f} | {row['tok_s']:.0f} | "
               f"{row['throughput_ratio']:.2f}x | {row['ttft_p50'] * 1000:.0f} | {row['p50'] * 1000:.0f} | "
               f"{row['p99'] * 1000:.0f} | {row['p99_over_alone_p50']:.2f}, {row['p99_over_alone_p99']:.2f} | "
-              f"{row['forwards']:.0f} |")
+              f"{row['forwards']:.0f} | {row['step_ms']:.2f} |")
 
 
 def engine_ceiling(args) -> float:
@@ -368,6 +436,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="the server's flag (default: its own)")
     parser.add_argument("--join-wait", type=int, default=None, help="the server's flag (default: its own)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="--arrivals: drive the server's scheduler in this process, without HTTP")
     parser.add_argument("--server-threads", type=int, default=None,
                         help="OMP_NUM_THREADS of the server process (default: this process's environment)")
     parser.add_argument("--device", default="cpu")
@@ -378,9 +448,26 @@ def main():
         args.max_batch = 32
     if not args.arrivals:
         args.mix = "same"  # the burst compares one setting
+        if args.in_process:
+            parser.error("--in-process runs with --arrivals")
 
-    with serving(args) as base:
-        result = run_arrivals(args, base) if args.arrivals else run_burst(args, base)
+    if args.in_process:
+        with tempfile.TemporaryDirectory() as folder:
+            build_model(args, folder)
+            client = InProcessClient(args, folder)
+            try:
+                for index in range(3):  # warm-up
+                    client.send(arrival_body(args, index))
+                result = run_arrivals(args, client.send, client.counters)
+            finally:
+                client.close()
+    else:
+        with serving(args) as base:
+            if args.arrivals:
+                result = run_arrivals(args, lambda body: streamed(base + "/v1/completions", body),
+                                      lambda: server_counters(base))
+            else:
+                result = run_burst(args, base)
     if not args.arrivals:
         result["engine_ratio"] = engine_ceiling(args) if args.device == "cpu" else None
     if args.json:
