@@ -163,6 +163,7 @@ def test_serve_refuses_bad_flags_in_one_line(model_dir, tmp_path, capsys):
     for argv, text in [([str(tmp_path / "missing")], "No such folder"),
                        ([model_dir, "--max-batch", "0"], "--max-batch"),
                        ([model_dir, "--port", "70000"], "--port must lie in 0..65535"),
+                       ([model_dir, "--join-wait", "-1"], "--join-wait must be >= 0"),
                        ([model_dir, "--tensor-parallel"], "torchrun"),
                        ([model_dir, "--max-images", "0"], "--max-images"),
                        ([model_dir, "--max-image-bytes", "-1"], "--max-image-bytes"),
