@@ -1,5 +1,5 @@
-"""The learned unmasking policy against hand-set settings on the demo's model, at answer lengths 64, 256 and 512
-(issue 29).
+"""The learned unmasking policy against hand-set settings on the demo's model, and with `--race` on the race's
+LLaDA (the equal-quality race of bench_decoding_quality_speed.py), at answer lengths 64, 256 and 512 (issue 29).
 
 Model: the demo's (`llada_hf.demo`): its data (`make_data`, default settings, seed 0) and its LLaDA trained as
 `llada-hf demo` trains it (`train_llada`), then a second phase that teaches it to end an answer on a long canvas: the
@@ -27,6 +27,20 @@ prompt, the block and 32 positions, what the model was trained on; without it th
   prompts, adaptive, at every length;
 - "+exit": the best tau and the policy with `early_exit=True` (a row stops once its answer is decided up to an EOS).
 
+Race mode (`--race`): the same settings and measurements on the race's LLaDA and task (imported from
+bench_decoding_quality_speed.py: its recipe flags at their defaults name the cached model and tokenizer,
+`recipe_folder`, `load_or_train_tokenizer`; train them there with `--train-only` if missing; `--model` takes another
+LLaDA with the race's tokenizer). Rows: "shift each letter by one" (`task_example`), held out as the race's (seed 123;
+its training rows are seed 0, checked disjoint): the first `--eval-rows` (64; the race's quality rows) are scored,
+the next `--dev-rows` (32) are the dev prompts. Score: exact match of the whole answer cut at its first EOS, as the
+race scores. The model was trained on answers EOS-padded to 128 positions; every setting but the default runs the
+geometry of the race's best setting (dual + tau 0.9 + early exit + tail 32, block 64): `block_length=64`,
+`canvas_tail=32`, `kv_cache="dual"`, and the policy learns at block 64 (at length 64 the whole canvas; its traces are
+the exact decoder's, without a cache). The default (the library's: one block, one token per step, whole canvas) is
+scored on the first `--default-rows` (8) rows only, as the race scores its official sampler: at 512 it costs about
+4 minutes per 16 rows on one thread. About 20 minutes on one thread; writes outputs/learned_policy_race.json and
+outputs/learned_policy_race_fronts.png.
+
 Answer tokens/s count the answer up to its end token, summed over the batch (`measure_setting`, as the tuner); a
 setting whose run takes under `--repeat-below` seconds runs `--repeats` times, and the fastest run counts. It also
 measures the policy's cost per step: the exact decoder with and without a copy of the policy that never fires (same
@@ -34,16 +48,26 @@ tokens, same steps), alternated.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_learned_policy.py [--demo-model outputs/demo/llada-reversal]
     .venv/bin/python benchmarks/bench_learned_policy.py --device cuda   # on a GPU
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_learned_policy.py --race   # the race's LLaDA
 """
 
 import argparse
 import json
 import os
+import random
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
+from bench_decoding_quality_speed import (
+    add_recipe_options,
+    load_or_train_tokenizer,
+    recipe_folder,
+    task_example,
+    train_rows,
+)
 
 from llada_hf.demo import (
     DEFAULT,
@@ -56,13 +80,17 @@ from llada_hf.demo import (
     train_llada,
     training_arguments,
 )
-from llada_hf.evaluation.tune import best_setting, measure_setting, tune
+from llada_hf.evaluation.tune import best_setting, exact_match, measure_setting, tune
 from llada_hf.trainers.policy import PolicyTrainingConfig, learn_decoding_policy
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BLOCK = 32
 BASE = {"block_length": BLOCK, "canvas_tail": 32}  # every setting but the default
+# --race: the geometry of the race's best setting (dual + tau 0.9 + early exit + tail 32, block 64), every setting
+# but the default; its held-out rows are drawn with this seed (its training rows: seed 0)
+RACE_BASE = {"block_length": 64, "canvas_tail": 32, "kv_cache": "dual"}
+RACE_ROWS_SEED = 123
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 ENTROPY_BOUNDS = (0.01, 0.1, 0.5, 1.0)
 
@@ -121,17 +149,78 @@ def word_match(answer: str, expected: str) -> bool:
     return clean_answer(answer) == expected
 
 
+@dataclass
+class Task:
+    """A model and its questions: all the measurement knows of either mode."""
+
+    model: object
+    tokenizer: object
+    dev_prompts: list[str]  # the policy learns from them, the tuner searches on them
+    dev_expected: list[str]
+    prompts: list[str]  # scored
+    expected: list[str]
+    score: Callable[[str, str], bool]  # score(answer, expected): the answer is cut at its end token
+    base: dict  # every setting but the default: block, canvas (and cache); the policy learns at this block
+    summary: str  # the first line printed
+
+
+def demo_task(args) -> Task:
+    """The demo's model (trained and cached, or `--model`) and its trained questions."""
+    from transformers import AutoModel, AutoTokenizer
+
+    import llada_hf  # noqa: F401  (registers the Auto classes)
+
+    folder = model_folder(args)
+    model = AutoModel.from_pretrained(folder).to(args.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data = make_data(DEFAULT, args.seed)
+    dev_prompts, dev_expected = questions(tokenizer, data.qa_pairs[: args.dev_pairs])
+    eval_pairs = data.qa_pairs[args.dev_pairs : args.dev_pairs + args.eval_pairs]
+    prompts, expected = questions(tokenizer, eval_pairs)
+    return Task(model, tokenizer, dev_prompts, dev_expected, prompts, expected, word_match, BASE,
+                f"model {folder}; {len(dev_prompts)} dev prompts, {len(prompts)} scored questions")
+
+
+def race_task(args) -> Task:
+    """The race's LLaDA (bench_decoding_quality_speed.py's recipe at its defaults, as cached there; or `--model`)
+    and its task's held-out rows: the first `--eval-rows` are scored (the race's quality rows), the next `--dev-rows`
+    are the dev set. Scored by exact match of the whole answer, as the race scores."""
+    from transformers import AutoModel
+
+    import llada_hf  # noqa: F401  (registers the Auto classes)
+
+    recipe_parser = argparse.ArgumentParser()
+    add_recipe_options(recipe_parser)
+    recipe = recipe_parser.parse_args([])  # the flags that name the race's cached model and tokenizer
+    tokenizer = load_or_train_tokenizer(recipe)
+    folder = args.model or recipe_folder("llada", recipe)
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        raise SystemExit(f"no model at {folder}: train it with bench_decoding_quality_speed.py --train-only")
+    model = AutoModel.from_pretrained(folder).to(args.device).eval()
+    rng = random.Random(RACE_ROWS_SEED)
+    rows = [task_example(rng, recipe) for _ in range(args.eval_rows + args.dev_rows)]
+    prompts = [prompt for prompt, _ in rows]
+    trained = {prompt for prompt, _ in train_rows(recipe)}
+    assert len(set(prompts)) == len(prompts) and not trained & set(prompts), "dev, scored and training rows overlap"
+    scored, dev = rows[: args.eval_rows], rows[args.eval_rows :]
+    return Task(model, tokenizer, [p for p, _ in dev], [a for _, a in dev], [p for p, _ in scored],
+                [a for _, a in scored], exact_match, RACE_BASE,
+                f"race model {folder}; {len(dev)} dev rows, {len(scored)} scored rows (held-out, seed "
+                f"{RACE_ROWS_SEED}); settings but the default: {RACE_BASE}")
+
+
 # ---- measuring ------------------------------------------------------------------------------------------------------
 
 
-def measure(model, tokenizer, prompts, expected, settings: dict, length: int, args) -> dict:
-    """Accuracy, answer tokens/s (the fastest of `--repeats` runs when a run is short) and forward passes per batch."""
+def measure(task: Task, settings: dict, length: int, args, rows: int | None = None) -> dict:
+    """Accuracy, answer tokens/s (the fastest of `--repeats` runs when a run is short) and forward passes per batch,
+    on the task's scored prompts (the first `rows` of them if given)."""
     settings = dict(settings, allow_beyond_context=True)
     best = None
     for _ in range(args.repeats):
         began = time.perf_counter()
-        trial = measure_setting(model, tokenizer, prompts, expected, settings, score=word_match,
-                                batch_size=args.batch_size, max_new_tokens=length)
+        trial = measure_setting(task.model, task.tokenizer, task.prompts[:rows], task.expected[:rows], settings,
+                                score=task.score, batch_size=args.batch_size, max_new_tokens=length)
         seconds = time.perf_counter() - began
         if best is None or trial.tokens_per_second > best.tokens_per_second:
             best = trial
@@ -149,7 +238,7 @@ def scaled(settings: dict, length: int) -> dict:
     return settings
 
 
-def step_overhead(model, tokenizer, prompts, policy: dict, length: int, args, repeats: int = 5) -> float:
+def step_overhead(task: Task, policy: dict, length: int, args, repeats: int = 5) -> float:
     """Seconds per step of the exact decoder with a never-firing copy of `policy` over seconds per step without it,
     minus 1 (the runs alternate; the fastest of `repeats` each)."""
     from llada_hf.decoding_llada import left_pad
@@ -158,9 +247,10 @@ def step_overhead(model, tokenizer, prompts, policy: dict, length: int, args, re
     silent["threshold"] = 1.0
     if "block_done" in silent:
         silent["block_done"]["threshold"] = 1.0
-    rows = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts[: args.batch_size]]
+    model = task.model
+    rows = [task.tokenizer(prompt, add_special_tokens=False).input_ids for prompt in task.prompts[: args.batch_size]]
     ids, mask = left_pad(rows, model.generation_config.pad_token_id)
-    settings = dict(BASE, attention_mask=mask.to(model.device), max_new_tokens=length, steps=length,
+    settings = dict(task.base, attention_mask=mask.to(model.device), max_new_tokens=length, steps=length,
                     allow_beyond_context=True)
     times = {"without": [], "with": []}
     outputs = {}
@@ -178,7 +268,10 @@ def step_overhead(model, tokenizer, prompts, policy: dict, length: int, args, re
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="a llada-hf model folder with its tokenizer (default: trained and cached)")
+    parser.add_argument("--race", action="store_true", help="the race's LLaDA and task (bench_decoding_quality_speed)"
+                        " instead of the demo's")
+    parser.add_argument("--model", help="a llada-hf model folder with its tokenizer (default: trained and cached); "
+                        "with --race: the race's LLaDA (default: its cached one; the tokenizer is the race's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--demo-model", help="start the second phase from this `llada-hf demo` model folder")
@@ -188,16 +281,28 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 512])
     parser.add_argument("--dev-pairs", type=int, default=16, help="pairs whose questions the policy and tuner see")
     parser.add_argument("--eval-pairs", type=int, default=24, help="pairs whose questions are scored")
+    parser.add_argument("--dev-rows", type=int, default=32, help="--race: held-out rows the policy and tuner see")
+    parser.add_argument("--eval-rows", type=int, default=64, help="--race: held-out rows scored")
+    parser.add_argument("--default-rows", type=int, help="score the default (the slow official sampler) on the first "
+                        "this many scored prompts only (default: all; with --race 8, as the race does)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--trials", type=int, default=12, help="the tuner's trials")
     parser.add_argument("--target-precision", type=float, default=0.99)
     parser.add_argument("--repeat-below", type=float, default=20.0, help="rerun a setting whose run took less (s)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of such a setting; the fastest counts")
-    parser.add_argument("--output", default=os.path.join(HERE, "outputs", "learned_policy.json"))
-    parser.add_argument("--plot", default=os.path.join(HERE, "learned_policy_fronts.png"),
-                        help="the Pareto fronts with the policy's points")
+    parser.add_argument("--output", help="the results (default: outputs/learned_policy.json, with --race "
+                        "outputs/learned_policy_race.json)")
+    parser.add_argument("--plot", help="the Pareto fronts with the policy's points (default: "
+                        "learned_policy_fronts.png, with --race outputs/learned_policy_race_fronts.png)")
     parser.add_argument("--plot-from", metavar="JSON", help="only redraw the plot from a saved --output file")
     args = parser.parse_args()
+    if args.race:
+        args.output = args.output or os.path.join(HERE, "outputs", "learned_policy_race.json")
+        args.plot = args.plot or os.path.join(HERE, "outputs", "learned_policy_race_fronts.png")
+        args.default_rows = 8 if args.default_rows is None else args.default_rows
+    else:
+        args.output = args.output or os.path.join(HERE, "outputs", "learned_policy.json")
+        args.plot = args.plot or os.path.join(HERE, "learned_policy_fronts.png")
     if args.plot_from:
         with open(args.plot_from) as f:
             plot_fronts(json.load(f)["results"], args.plot)
@@ -205,24 +310,14 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-    from transformers import AutoModel, AutoTokenizer
-
-    import llada_hf  # noqa: F401  (registers the Auto classes)
-
-    folder = model_folder(args)
-    model = AutoModel.from_pretrained(folder).to(args.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    data = make_data(DEFAULT, args.seed)
-    dev_prompts, dev_expected = questions(tokenizer, data.qa_pairs[: args.dev_pairs])
-    eval_pairs = data.qa_pairs[args.dev_pairs : args.dev_pairs + args.eval_pairs]
-    prompts, expected = questions(tokenizer, eval_pairs)
-    print(f"model {folder}; {len(dev_prompts)} dev prompts, {len(prompts)} scored questions; device {args.device}, "
-          f"{torch.get_num_threads()} thread(s)", flush=True)
+    task = race_task(args) if args.race else demo_task(args)
+    model, tokenizer, dev_prompts = task.model, task.tokenizer, task.dev_prompts
+    print(f"{task.summary}; device {args.device}, {torch.get_num_threads()} thread(s)", flush=True)
 
     began = time.perf_counter()
     policy = learn_decoding_policy(model, tokenizer, dev_prompts, PolicyTrainingConfig(
-        max_new_tokens=64, block_length=BLOCK, batch_size=args.batch_size, target_precision=args.target_precision,
-        seed=args.seed))
+        max_new_tokens=64, block_length=task.base["block_length"], batch_size=args.batch_size,
+        target_precision=args.target_precision, seed=args.seed))
     learn_seconds = time.perf_counter() - began
     info = policy["info"]
     print(f"policy learned in {learn_seconds:.1f} s from {info['positions']} positions: threshold "
@@ -231,34 +326,35 @@ def main() -> None:
           f"{policy['block_done']['threshold'] if 'block_done' in policy else 'none'}", flush=True)
 
     began = time.perf_counter()
-    trials = tune(model, tokenizer, dev_prompts, dev_expected, max_new_tokens=64, trials=args.trials,
-                  score=word_match, batch_size=args.batch_size, seed=args.seed)
+    trials = tune(model, tokenizer, dev_prompts, task.dev_expected, max_new_tokens=64, trials=args.trials,
+                  score=task.score, batch_size=args.batch_size, seed=args.seed)
     tuned = best_setting(trials).settings
     print(f"tuner ({args.trials} trials at 64, {time.perf_counter() - began:.0f} s): {tuned or 'the defaults'}",
           flush=True)
 
-    overhead = {length: step_overhead(model, tokenizer, prompts, policy, length, args) for length in (64, 256)}
+    overhead = {length: step_overhead(task, policy, length, args) for length in (64, 256)}
     print("policy cost per step (exact decoder, never-firing copy): "
           + ", ".join(f"{100 * value:+.1f} % at {length}" for length, value in overhead.items()), flush=True)
 
     results = {}
     for length in args.lengths:
-        settings = {"default": {}, "exact": {**BASE, "steps": length}}
-        settings.update({f"tau {t}": {**BASE, "confidence_threshold": t} for t in THRESHOLDS})
-        settings.update({f"eb {g}": {**BASE, "entropy_bound": g} for g in ENTROPY_BOUNDS})
+        base = task.base
+        settings = {"default": {}, "exact": {**base, "steps": length}}
+        settings.update({f"tau {t}": {**base, "confidence_threshold": t} for t in THRESHOLDS})
+        settings.update({f"eb {g}": {**base, "entropy_bound": g} for g in ENTROPY_BOUNDS})
         settings["tuned"] = scaled(tuned, length)
-        settings["learned"] = {**BASE, "decoding_policy": policy}
+        settings["learned"] = {**base, "decoding_policy": policy}
         results[length] = row = {}
         for name, setting in settings.items():
-            row[name] = measure(model, tokenizer, prompts, expected, setting, length, args)
+            row[name] = measure(task, setting, length, args, args.default_rows if name == "default" else None)
             show(length, name, row[name])
         # early exit is a hand-set flag of its own (Learn2PD's end-of-text rule): with the best tau and the policy
         tau = best_of(row, "tau", row["exact"]["accuracy"])
         for name, setting in ((f"{tau} +exit", settings[tau]), ("learned +exit", settings["learned"])):
-            row[name] = measure(model, tokenizer, prompts, expected, dict(setting, early_exit=True), length, args)
+            row[name] = measure(task, dict(setting, early_exit=True), length, args)
             show(length, name, row[name])
     print()
-    print(report(results, tuned, policy, overhead))
+    print(report(results, tuned, policy, overhead, args.default_rows))
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump({"results": results, "tuned": tuned, "policy": policy, "overhead": overhead,
@@ -316,8 +412,9 @@ def best_of(row: dict, prefix: str, reference: float) -> str:
     return max(named, key=lambda name: (named[name]["accuracy"], named[name]["tokens_per_second"]))
 
 
-def report(results: dict, tuned: dict, policy: dict, overhead: dict) -> str:
-    lines = ["| length | default | exact | best tau | best entropy bound | tuned | learned | learned / best tau | "
+def report(results: dict, tuned: dict, policy: dict, overhead: dict, default_rows: int | None = None) -> str:
+    default = "default" if default_rows is None else f"default ({default_rows} rows)"
+    lines = [f"| length | {default} | exact | best tau | best entropy bound | tuned | learned | learned / best tau | "
              "learned / default | best tau + exit | learned + exit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for length, row in results.items():
         reference = row["exact"]["accuracy"]
