@@ -656,8 +656,8 @@ class DiffusionDecodingState:
         if self.cache is None or self.done:
             return 0
         steps = self._plan[2, self.row_block.clamp(max=len(self.blocks) - 1)]
-        remaining = torch.where(self.row_block_step == 0, 0, steps - self.row_block_step)
-        return int(remaining[self.active].min())
+        remaining = torch.where(self.row_block_step == 0, 0, steps - self.row_block_step)[self.active]
+        return int(remaining.min()) if remaining.numel() else 0
 
     @property
     def answer_start(self) -> int:
