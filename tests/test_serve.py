@@ -483,15 +483,19 @@ def test_special_tokens_in_chat_messages_are_text(model_and_tokenizer):
     assert seen[False] == len(ids) and seen[True] < seen[False]  # trusted: the control tokens are single tokens
 
 
-@pytest.mark.parametrize("join_wait, block_length, waits", [(8, 4, True), (2, 16, False), (0, 4, False)])
-def test_a_request_joins_in_phase_with_the_running_blocks(model_and_tokenizer, join_wait, block_length, waits):
-    """`join_wait`: a request that arrives mid-block (dual cache) is held back until the running rows start a block,
-    when that comes within its wait (then its first forward shares their refresh pass); otherwise, or with
-    join_wait 0, it joins at the next step. Either way both answers equal `generate` alone."""
+@pytest.mark.parametrize("join_wait, block_length, second_cache, waits",
+                         [(8, 4, "dual", True), (2, 16, "dual", False), (0, 4, "dual", False), (8, 4, None, False)])
+def test_a_request_joins_in_phase_with_the_running_blocks(model_and_tokenizer, join_wait, block_length, second_cache,
+                                                          waits):
+    """`join_wait`: a request with a cache that arrives mid-block (dual cache) is held back until the running rows
+    start a block, when that comes within its wait (then its first forward shares their refresh pass); otherwise,
+    with join_wait 0, or without a cache of its own, it joins at the next step. Either way both answers equal
+    `generate` alone."""
     from llada_hf.serving.scheduler import Request, Scheduler
 
     model, tokenizer = model_and_tokenizer
     settings = dict(max_new_tokens=16, steps=16, block_length=block_length, kv_cache="dual")
+    second_settings = dict(settings, kv_cache=second_cache)
     scheduler = Scheduler(model, tokenizer, join_wait=join_wait, step_delay=0.01)
     joined_at = []  # steps to the running rows' next block start, at each add
     add = scheduler.engine.add
@@ -516,7 +520,7 @@ def test_a_request_joins_in_phase_with_the_running_blocks(model_and_tokenizer, j
         while scheduler.step_index < 2 and time.monotonic() < deadline:  # the first request is mid-block
             time.sleep(0.002)
         queued_at = scheduler.step_index
-        scheduler.submit(Request(prompts[1], settings, sink=sink_for(1)))
+        scheduler.submit(Request(prompts[1], second_settings, sink=sink_for(1)))
         assert done.wait(60)
     finally:
         scheduler.stop()
@@ -525,8 +529,8 @@ def test_a_request_joins_in_phase_with_the_running_blocks(model_and_tokenizer, j
         assert joined_at[1] == 0  # it joined at the step where the running row started its next block
     else:
         assert joined_at[1] > 0  # at once, mid-block
-    for i in (0, 1):
-        alone = model.generate(torch.tensor([prompts[i]]), **settings)[0, len(prompts[i]):]
+    for i, request_settings in enumerate((settings, second_settings)):
+        alone = model.generate(torch.tensor([prompts[i]]), **request_settings)[0, len(prompts[i]):]
         assert events[i][-1].kind == "finished"
         assert events[i][-1].answer == truncate_at_eos([alone.tolist()], scheduler.end_token_ids)[0]
 

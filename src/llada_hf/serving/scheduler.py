@@ -170,8 +170,8 @@ class Scheduler:
         join_wait: hold a queued request back for up to this many steps, until some running row starts a block
             (`DiffusionEngine.steps_to_block_start`): with caches, a request that joins mid-block adds a forward
             pass at every step where its blocks start out of phase with the others'; one that joins in phase
-            shares them. A request joins at once when nothing runs, or when no block starts within its wait.
-            0: every request joins at the next step.
+            shares them. A request joins at once when nothing runs, when it has no cache, or when no block starts
+            within its wait. 0: every request joins at the next step.
         step_delay: seconds to pause after every step (to watch a tiny model denoise; 0 in production).
         seed: seed of the generator shared by the sampling requests that bring no `seed`.
         mirror: a `RankMirror` under tensor parallelism (rank 0 broadcasts what it runs), else None.
@@ -343,13 +343,19 @@ class Scheduler:
             self._add(request)
 
     def _time_to_join(self) -> bool:
-        """Whether the queued requests join at the next step: no `join_wait`, nothing running, some running row
-        starting a block at that step, or none within what is left of the oldest request's wait."""
-        if not self.join_wait or not self._rows:
+        """Whether the queued requests join at the next step: no `join_wait`, nothing running, the oldest request
+        without a cache (every step of it is a whole-canvas pass: waiting saves nothing), some running row starting a
+        block at that step, or none within what is left of the oldest request's wait."""
+        if not self.join_wait or not self._rows or not self._uses_cache(self._queue[0]):
             return True
         steps = self.engine.steps_to_block_start()
         waited = self.step_index - self._queue[0]._queued_step
         return steps is None or steps == 0 or steps > self.join_wait - waited
+
+    def _uses_cache(self, request: Request) -> bool:
+        settings = request.settings
+        kv_cache = settings.get("kv_cache", getattr(self.model.generation_config, "kv_cache", None))
+        return bool(kv_cache) and settings.get("use_cache") is not False
 
     def _add(self, request: Request) -> None:
         """Add the request's `n` rows (its prompt, prepared once and repeated) to the engine; a request started again
