@@ -52,6 +52,22 @@ def expected_text(model, tokenizer, content: str | None = None, prompt: str | No
     return tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def event_sinks(count: int):
+    """For `count` requests given to a `Scheduler` directly: the events each gets, an Event set once every request has
+    finished or failed, and `sink_for(i)`, request i's sink."""
+    events = {i: [] for i in range(count)}
+    done = threading.Event()
+
+    def sink_for(i):
+        def sink(event):
+            events[i].append(event)
+            if all(e and e[-1].kind in ("finished", "error") for e in events.values()):
+                done.set()
+        return sink
+
+    return events, done, sink_for
+
+
 def chat_prompt(tokenizer, question: str) -> str:
     """A question in the chat format, as plain text for /v1/completions (the tiny model answers only those)."""
     return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
@@ -394,16 +410,7 @@ def test_a_shared_state_whose_step_fails_is_split_and_only_the_culprit_fails(mod
     prompts = [tokenizer(chat_prompt(tokenizer, "where did the cat sit?"), add_special_tokens=False).input_ids,
                tokenizer("the cat sat " * 40).input_ids,
                tokenizer(chat_prompt(tokenizer, "what did the fox say?"), add_special_tokens=False).input_ids]
-    events = {i: [] for i in range(3)}
-    done = threading.Event()
-
-    def sink_for(i):
-        def sink(event):
-            events[i].append(event)
-            if all(e and e[-1].kind in ("finished", "error") for e in events.values()):
-                done.set()
-        return sink
-
+    events, done, sink_for = event_sinks(3)
     try:
         for i, ids in enumerate(prompts):  # queued before the loop starts: admitted together, one state
             scheduler.submit(Request(ids, dict(max_new_tokens=6, steps=6), sink=sink_for(i)))
@@ -503,16 +510,7 @@ def test_a_request_joins_in_phase_with_the_running_blocks(model_and_tokenizer, j
         *args, **kwargs)
     prompts = [tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False).input_ids
                for question in ("where did the cat sit?", "what did the dog say?")]
-    events = {0: [], 1: []}
-    done = threading.Event()
-
-    def sink_for(i):
-        def sink(event):
-            events[i].append(event)
-            if all(e and e[-1].kind in ("finished", "error") for e in events.values()):
-                done.set()
-        return sink
-
+    events, done, sink_for = event_sinks(2)
     try:
         scheduler.start()
         scheduler.submit(Request(prompts[0], settings, sink=sink_for(0)))
